@@ -1,0 +1,90 @@
+"""Find a model's repeated decoder blocks and the layers in them that get quantized.
+
+This and ``hf_quantizer.py`` are the only modules that know how transformers models are
+shaped; everything here works on plain ``nn.Module`` trees, so any causal LM built from
+a list of identical blocks (Llama, Qwen2, GPT-NeoX, Phi, Mistral, ...) is handled
+without naming its classes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` of decoder blocks: identical modules holding projection layers.
+
+    When several lists qualify (an encoder and a decoder, a vision tower), the one with the
+    most parameters is taken: the language model's stack.
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(block) for block in module}) != 1:
+            continue
+        if not any(_is_projection(m) for m in module[0].modules()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None:
+        raise ValueError(
+            f"{type(model).__name__} has no list of repeated blocks containing projection layers; "
+            "hf_signround quantizes causal LMs made of repeated decoder blocks"
+        )
+    return best[1], best[2]
+
+
+def _is_packed(module: nn.Module) -> bool:
+    return hasattr(module, "qweight")
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """Whether a module name is one of ``patterns``, lies under one, or ends with one as dotted suffix."""
+    dotted = f".{name}."
+    return any(f".{p.strip('.')}." in dotted for p in patterns if p)
+
+
+def quantizable_layers(model: nn.Module, skip: list[str]) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` inside the decoder blocks whose name does not match ``skip``, in order.
+
+    Raises for weight-bearing layers of other types (e.g. GPT-2's ``Conv1D``) that are not
+    skipped, so nothing is silently left in full precision.
+    """
+    prefix, _ = find_blocks(model)
+    layers: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if not name.startswith(prefix + ".") or matches(name, skip):
+            continue
+        if isinstance(module, nn.Linear):
+            layers[name] = module
+        elif _is_unsupported_weight_layer(module):
+            short = name[len(prefix) + 1 :].split(".", 1)[-1]
+            raise ValueError(
+                f"layer {name} is a {type(module).__name__}, which hf_signround cannot quantize (it quantizes "
+                f"torch.nn.Linear layers); add {short!r} to modules_to_not_convert to keep it in full precision"
+            )
+    return layers
+
+
+def _is_projection(module: nn.Module) -> bool:
+    """A Linear, a packed QuantLinear, or any other module owning a weight matrix (e.g. Conv1D)."""
+    if isinstance(module, nn.Linear) or _is_packed(module):
+        return True
+    return not isinstance(module, nn.Embedding) and any(p.dim() >= 2 for p in module.parameters(recurse=False))
+
+
+def _is_unsupported_weight_layer(module: nn.Module) -> bool:
+    # A leaf owning a matrix (or a fused 3-D expert tensor) that is not a Linear.
+    return _is_projection(module) and not isinstance(module, nn.Linear) and not _is_packed(module)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

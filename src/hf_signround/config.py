@@ -1,0 +1,187 @@
+"""`SignRoundV2Config`: every user-facing knob, its default, and all validation.
+
+The config is plain data. It is validated once, at construction, and downstream
+code trusts it. Runtime-only objects (the calibration ``dataset`` and the
+``tokenizer``) live on the object but are never serialised.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .calibration import check_dataset_spec
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "signround_v2"
+FORMAT_VERSION = 1
+SUPPORTED_BITS = (2, 3, 4, 8)
+SCALE_DTYPES = ("float16", "bfloat16", "float32")
+_LAYER_KEYS = ("bits", "group_size", "sym")
+# Keys written by `to_dict` that are bookkeeping rather than constructor knobs.
+_RUNTIME_ONLY = ("dataset", "tokenizer")
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name}={value} is out of range: it must be >= {minimum}")
+
+
+def check_bits(value: Any, where: str = "bits") -> None:
+    if isinstance(value, bool) or value not in SUPPORTED_BITS:
+        allowed = ", ".join(map(str, SUPPORTED_BITS))
+        raise ValueError(f"{where}={value!r} is not supported: choose one of {allowed}")
+
+
+def check_group_size(value: Any, where: str = "group_size") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or value >= 1):
+        raise ValueError(
+            f"{where}={value!r} is not valid: use a positive int (e.g. 32, 64, 128), "
+            "or -1 for one group per output channel"
+        )
+
+
+class SignRoundV2Config(QuantizationConfigMixin):
+    """Configuration of SignRoundV2 weight-only quantization (spec: ``shared/SIGNROUNDV2.md``).
+
+    Args:
+        bits: weight bit-width of every quantized layer, one of 2, 3, 4, 8.
+        group_size: consecutive input elements sharing one scale/zero point; -1 means one
+            group per output channel. When it does not divide a layer's ``in_features`` the
+            last group of each row is shorter (column k is in group k // group_size).
+        sym: symmetric ("full range", implicit zero point) instead of asymmetric quantization.
+        iters: sign-gradient tuning steps per block; 0 means plain round-to-nearest.
+        lr: tuning learning rate; ``None`` means ``1/iters`` (spec §3c).
+        batch_size: calibration windows per tuning step.
+        nsamples: calibration windows of ``seqlen`` tokens drawn from ``dataset``.
+        seqlen: tokens per calibration window.
+        dataset: calibration text: a list of strings, a path to a text file or a folder of
+            text files, a ``datasets.Dataset`` with a text column, a hub dataset name
+            (``"name"`` or ``"name:config"``), or a LongTensor of token ids. Never serialised.
+        tokenizer: tokenizes ``dataset`` when it is text. Never serialised.
+        seed: seeds the calibration window choice and the tuning.
+        modules_to_not_convert: module names (or dotted suffixes such as ``"mlp.down_proj"``)
+            kept in full precision, in addition to the default lm_head and embeddings.
+        layer_config: per-layer overrides, ``{"model.layers.0.mlp.down_proj": {"bits": 8,
+            "group_size": 128, "sym": True}}``; missing keys fall back to the global values.
+            After quantization it lists every quantized layer, so a checkpoint is
+            self-describing.
+        scale_dtype: storage dtype of the per-group scales.
+        format_version: packed checkpoint layout version (see ``packing.py``).
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = False,
+        iters: int = 200,
+        lr: float | None = None,
+        batch_size: int = 8,
+        nsamples: int = 128,
+        seqlen: int = 2048,
+        dataset: Any = None,
+        tokenizer: Any = None,
+        seed: int = 42,
+        modules_to_not_convert: list[str] | None = None,
+        layer_config: dict[str, dict[str, Any]] | None = None,
+        scale_dtype: str = "float16",
+        format_version: int = FORMAT_VERSION,
+        **kwargs: Any,
+    ) -> None:
+        quant_method = kwargs.pop("quant_method", QUANT_METHOD)
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method={quant_method!r} does not belong to SignRoundV2Config ({QUANT_METHOD!r})")
+        self.quant_method = QUANT_METHOD
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.iters = iters
+        self.lr = lr
+        self.batch_size = batch_size
+        self.nsamples = nsamples
+        self.seqlen = seqlen
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
+        self.layer_config = {k: dict(v) for k, v in (layer_config or {}).items()}
+        self.scale_dtype = scale_dtype
+        self.format_version = format_version
+        if kwargs:
+            logger.warning("SignRoundV2Config ignores unknown keys: %s", ", ".join(sorted(kwargs)))
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; errors name the field, the value and what is allowed."""
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        if not isinstance(self.sym, bool):
+            raise TypeError(f"sym must be True or False, got {self.sym!r}")
+        _check_int("iters", self.iters, minimum=0)
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or self.lr <= 0):
+            raise ValueError(f"lr={self.lr!r} must be a positive number, or None for 1/iters")
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("nsamples", self.nsamples, minimum=1)
+        _check_int("seqlen", self.seqlen, minimum=2)
+        _check_int("seed", self.seed, minimum=0)
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype={self.scale_dtype!r} is not supported: choose one of {', '.join(SCALE_DTYPES)}")
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"format_version={self.format_version!r}: this hf_signround reads format {FORMAT_VERSION} only; "
+                "upgrade hf_signround to load this checkpoint"
+            )
+        if self.modules_to_not_convert is not None and not all(isinstance(m, str) for m in self.modules_to_not_convert):
+            raise TypeError(f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}")
+        for name, spec in self.layer_config.items():
+            unknown = set(spec) - set(_LAYER_KEYS)
+            if unknown:
+                raise ValueError(
+                    f"layer_config[{name!r}] has unknown keys {sorted(unknown)}: allowed are {', '.join(_LAYER_KEYS)}"
+                )
+            if "bits" in spec:
+                check_bits(spec["bits"], where=f"layer_config[{name!r}]['bits']")
+            if "group_size" in spec:
+                check_group_size(spec["group_size"], where=f"layer_config[{name!r}]['group_size']")
+            if "sym" in spec and not isinstance(spec["sym"], bool):
+                raise TypeError(f"layer_config[{name!r}]['sym'] must be True or False, got {spec['sym']!r}")
+        check_dataset_spec(self.dataset)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing with this config reads calibration data."""
+        return self.iters > 0
+
+    @property
+    def effective_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else 1.0 / max(self.iters, 1)
+
+    def layer_spec(self, name: str) -> dict[str, Any]:
+        """The (bits, group_size, sym) a layer is quantized with: its override, else the globals."""
+        spec = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+        spec.update(self.layer_config.get(name, {}))
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in _RUNTIME_ONLY and not k.startswith("_")}
+        out["quant_method"] = QUANT_METHOD
+        return out
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __deepcopy__(self, memo: dict) -> SignRoundV2Config:
+        # from_pretrained deep-copies its kwargs: share the runtime-only objects (a tokenizer,
+        # a generator or a big dataset) instead of copying or pickling them.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = value if key in _RUNTIME_ONLY else copy.deepcopy(value, memo)
+        return new

@@ -1,0 +1,128 @@
+"""The transformers adapter: registration and load hooks; the work happens in ``quantize_model``.
+
+Two ways through ``from_pretrained``:
+- a float checkpoint with ``quantization_config=SignRoundV2Config(...)``: the weights load as
+  usual, then ``_process_model_after_weight_loading`` calibrates and quantizes;
+- a saved hf_signround checkpoint (``quant_method: signround_v2`` in config.json): the Linears
+  it lists become empty ``QuantLinear`` skeletons before the packed tensors load.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.base import HfQuantizer
+
+from .calibration import build_calibration, is_token_ids
+from .config import QUANT_METHOD, SignRoundV2Config
+from .quantize import quantize_model, replace_with_empty_quant_linears
+
+logger = logging.getLogger(__name__)
+
+
+class SignRoundV2HfQuantizer(HfQuantizer):
+    """Quantizes a model with SignRoundV2 while it loads, and reloads saved checkpoints."""
+
+    requires_calibration = False  # True would mean "can only load pre-quantized checkpoints"
+
+    def __init__(self, quantization_config: SignRoundV2Config, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        # Fail before the weights load, so a missing input costs no waiting.
+        config = self.quantization_config
+        if self.pre_quantized:
+            if not config.layer_config:
+                raise ValueError(
+                    "this checkpoint's quantization_config (signround_v2) lists no quantized layers in layer_config: "
+                    "config.json is corrupt or was edited; restore it from the original save"
+                )
+            return
+        if config.needs_calibration:
+            if config.dataset is None:
+                raise ValueError(
+                    f"iters={config.iters} tunes on calibration data: pass dataset= (a list of texts, a text file or "
+                    "folder, a datasets.Dataset or a hub dataset name) and tokenizer= to SignRoundV2Config, "
+                    "or iters=0 for round-to-nearest"
+                )
+            if config.tokenizer is None and not is_token_ids(config.dataset):
+                raise ValueError(
+                    "a tokenizer is needed to tokenize the calibration texts: pass "
+                    "tokenizer=AutoTokenizer.from_pretrained(...) to SignRoundV2Config"
+                )
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
+        if self.pre_quantized:
+            replace_with_empty_quant_linears(model, self.quantization_config)
+            if checkpoint_files:
+                check_checkpoint_tensors(model, checkpoint_files)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        if self.pre_quantized:
+            return model
+        config = self.quantization_config
+        skip = self.get_modules_to_not_convert(
+            model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
+        )
+        calibration = None
+        if config.needs_calibration:
+            calibration = build_calibration(config.dataset, config.tokenizer, config.nsamples, config.seqlen, config.seed)
+        quantize_model(model, config, calibration, skip=skip)
+        return model
+
+    def is_serializable(self, safe_serialization: Any = None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def check_checkpoint_tensors(model, checkpoint_files: list[str]) -> None:
+    """Every packed tensor the skeleton expects is in the checkpoint with the right shape.
+
+    transformers would otherwise fill a missing tensor with uninitialised memory and
+    only warn: a corrupt checkpoint must fail loudly instead.
+    """
+    from safetensors import safe_open
+
+    from .qlinear import QuantLinear
+
+    expected = {
+        f"{name}.{pname}": tuple(p.shape)
+        for name, module in model.named_modules()
+        if isinstance(module, QuantLinear)
+        for pname, p in module.named_parameters(recurse=False)
+    }
+    found: dict[str, tuple[int, ...]] = {}
+    for path in checkpoint_files:
+        if not str(path).endswith(".safetensors"):
+            continue
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                if key in expected:
+                    found[key] = tuple(handle.get_slice(key).get_shape())
+    if not found and not any(str(p).endswith(".safetensors") for p in checkpoint_files):
+        return  # not safetensors (e.g. a pickle checkpoint): leave it to transformers
+    missing = sorted(set(expected) - set(found))
+    wrong = sorted(k for k in found if found[k] != expected[k])
+    if missing or wrong:
+        details = [f"missing {k}" for k in missing[:3]] + [f"{k} has shape {found[k]}, expected {expected[k]}" for k in wrong[:3]]
+        raise ValueError(
+            f"corrupt hf_signround checkpoint: {len(missing)} packed tensors missing and {len(wrong)} with wrong shapes "
+            f"({'; '.join(details)}); the weights do not match config.json's quantization_config — re-save or "
+            "re-download the checkpoint"
+        )
+
+
+def register() -> None:
+    """Register the config and quantizer with transformers under ``signround_v2`` (idempotent)."""
+    from transformers.quantizers.auto import register_quantization_config, register_quantizer
+
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(SignRoundV2Config)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(SignRoundV2HfQuantizer)

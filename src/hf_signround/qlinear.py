@@ -1,0 +1,214 @@
+"""``QuantLinear``: a drop-in ``nn.Linear`` replacement holding packed low-bit weights.
+
+Parameters (``N = out_features``, ``K = in_features``, ``G`` groups along ``K``):
+
+* ``qweight`` -- ``int32 (ceil(K/32)*bits, N)``, packed codes (see :mod:`hf_signround.packing`).
+* ``scales``  -- ``scale_dtype (G, N)``.
+* ``qzeros``  -- ``int32 (G, ceil(N/32)*bits)``; only for asymmetric quantization
+  (symmetric uses the implicit zero point ``2**(bits-1)``).
+* ``bias``    -- ``bias_dtype (N,)`` or ``None``.
+
+They are ``nn.Parameter(requires_grad=False)`` rather than buffers because
+accelerate's offloading hooks only manage parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from hf_signround.kernels import reference
+from hf_signround.packing import (
+    num_groups,
+    check_bits,
+    pack_qweight_kmajor,
+    pack_qzeros_nmajor,
+    packed_rows,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["QuantLinear"]
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized linear layer (2/3/4/8-bit, per-group scales/zeros)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        bias: bool,
+        scale_dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+        bias_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_bits(bits)
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(
+                f"in_features={in_features} and out_features={out_features} must be positive"
+            )
+        groups = num_groups(in_features, group_size)
+
+        self._in_features = int(in_features)
+        self._out_features = int(out_features)
+        self._bits = int(bits)
+        self._group_size = int(group_size)
+        self._num_groups = groups
+        self._sym = bool(sym)
+        self.scale_dtype = scale_dtype
+        self.bias_dtype = scale_dtype if bias_dtype is None else bias_dtype
+
+        # Registration order fixes the state-dict key order: qweight, scales, qzeros, bias.
+        self.qweight = _frozen(
+            torch.empty(
+                packed_rows(in_features, bits), out_features, dtype=torch.int32, device=device
+            )
+        )
+        self.scales = _frozen(
+            torch.empty(groups, out_features, dtype=scale_dtype, device=device)
+        )
+        if self._sym:
+            self.register_parameter("qzeros", None)
+        else:
+            self.qzeros = _frozen(
+                torch.empty(
+                    groups, packed_rows(out_features, bits), dtype=torch.int32, device=device
+                )
+            )
+        if bias:
+            self.bias = _frozen(torch.empty(out_features, dtype=self.bias_dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        *,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        bias: torch.Tensor | None,
+        scale_dtype: torch.dtype = torch.float16,
+        bias_dtype: torch.dtype | None = None,
+    ) -> QuantLinear:
+        """Build a packed module from codes ``uint8 (N, K)``, scales ``(N, G)`` and zeros ``(N, G)``.
+
+        ``zeros`` must be ``None`` iff ``sym``; symmetric codes must already include the
+        ``2**(bits-1)`` offset. ``scales`` are stored as given, cast to ``scale_dtype``.
+        """
+        check_bits(bits)
+        if codes.ndim != 2:
+            raise ValueError(f"codes must be 2-D (N, K), got shape {tuple(codes.shape)}")
+        n, k = codes.shape
+        if sym and zeros is not None:
+            raise ValueError("zeros must be None for symmetric quantization (sym=True)")
+        if not sym and zeros is None:
+            raise ValueError("zeros are required for asymmetric quantization (sym=False)")
+        g = num_groups(k, group_size)
+        if tuple(scales.shape) != (n, g):
+            raise ValueError(f"scales shape {tuple(scales.shape)} != expected {(n, g)}")
+        if zeros is not None and tuple(zeros.shape) != (n, g):
+            raise ValueError(f"zeros shape {tuple(zeros.shape)} != expected {(n, g)}")
+        if bias is not None and tuple(bias.shape) != (n,):
+            raise ValueError(f"bias shape {tuple(bias.shape)} != expected {(n,)}")
+
+        module = cls(
+            k,
+            n,
+            bits,
+            group_size,
+            sym,
+            bias is not None,
+            scale_dtype=scale_dtype,
+            device=codes.device,
+            bias_dtype=bias_dtype,
+        )
+        with torch.no_grad():
+            module.qweight.data = pack_qweight_kmajor(codes, bits)
+            module.scales.data = scales.detach().to(codes.device, scale_dtype).T.contiguous()
+            if zeros is not None:
+                module.qzeros.data = pack_qzeros_nmajor(zeros.detach().to(codes.device), bits)
+            if bias is not None:
+                module.bias.data = bias.detach().to(codes.device, module.bias_dtype).clone()
+        return module
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def in_features(self) -> int:
+        return self._in_features
+
+    @property
+    def out_features(self) -> int:
+        return self._out_features
+
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @property
+    def group_size(self) -> int:
+        """The configured group size (``-1`` means one group per output row)."""
+        return self._group_size
+
+    @property
+    def num_groups(self) -> int:
+        return self._num_groups
+
+    @property
+    def sym(self) -> bool:
+        return self._sym
+
+    # ------------------------------------------------------------------ compute
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense ``(out_features, in_features)`` weight; ``dtype`` defaults to the scales' dtype."""
+        return reference.dequantize_packed(
+            self.qweight,
+            self.scales,
+            self.qzeros,
+            bits=self._bits,
+            group_size=self._group_size,
+            in_features=self._in_features,
+            out_dtype=self.scales.dtype if dtype is None else dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reference.linear_reference(
+            x,
+            self.qweight,
+            self.scales,
+            self.qzeros,
+            self.bias,
+            bits=self._bits,
+            group_size=self._group_size,
+            in_features=self._in_features,
+        )
+
+    def packed_nbytes(self) -> int:
+        """Total bytes of the stored tensors (qweight, scales, qzeros, bias)."""
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.qweight, self.scales, self.qzeros, self.bias)
+            if t is not None
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self._in_features}, out_features={self._out_features}, "
+            f"bits={self._bits}, group_size={self._group_size}, sym={self._sym}, "
+            f"bias={self.bias is not None}"
+        )

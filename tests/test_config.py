@@ -1,0 +1,73 @@
+import copy
+import json
+
+import pytest
+import torch
+
+from hf_signround import SignRoundV2Config
+
+
+def test_defaults_and_round_trip(tokenizer, corpus):
+    cfg = SignRoundV2Config(bits=3, group_size=64, dataset=corpus, tokenizer=tokenizer,
+                            layer_config={"model.layers.0.mlp.down_proj": {"bits": 8}})
+    d = cfg.to_dict()
+    assert d["quant_method"] == "signround_v2"
+    assert "dataset" not in d and "tokenizer" not in d
+    json.dumps(d)  # serialisable
+    again = SignRoundV2Config.from_dict(d)
+    assert again.to_dict() == d
+    assert again.layer_spec("model.layers.0.mlp.down_proj") == {"bits": 8, "group_size": 64, "sym": False}
+    assert again.layer_spec("model.layers.0.mlp.up_proj") == {"bits": 3, "group_size": 64, "sym": False}
+    assert "signround_v2" in repr(cfg)
+
+
+def test_deepcopy_shares_runtime_objects(tokenizer):
+    gen = (t for t in ["a", "b"])
+    cfg = SignRoundV2Config(dataset=["text"], tokenizer=tokenizer)
+    cfg.dataset = gen  # a generator cannot be pickled or deep-copied
+    dup = copy.deepcopy(cfg)
+    assert dup.dataset is gen and dup.tokenizer is tokenizer
+    dup.layer_config["x"] = {"bits": 2}
+    assert cfg.layer_config == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"bits": 5}, r"bits=5 is not supported: choose one of 2, 3, 4, 8"),
+        ({"bits": True}, r"bits=True is not supported"),
+        ({"group_size": 0}, r"group_size=0 is not valid"),
+        ({"group_size": -2}, r"group_size=-2 is not valid"),
+        ({"iters": -1}, r"iters=-1 is out of range: it must be >= 0"),
+        ({"nsamples": 0}, r"nsamples=0 is out of range"),
+        ({"seqlen": 1}, r"seqlen=1 is out of range"),
+        ({"lr": -0.1}, r"lr=-0.1 must be a positive number"),
+        ({"scale_dtype": "int8"}, r"scale_dtype='int8' is not supported"),
+        ({"layer_config": {"a.b": {"bits": 7}}}, r"layer_config\['a.b'\]\['bits'\]=7 is not supported"),
+        ({"layer_config": {"a.b": {"bitz": 4}}}, r"layer_config\['a.b'\] has unknown keys \['bitz'\]"),
+        ({"format_version": 99}, r"format_version=99: this hf_signround reads format 1"),
+        ({"dataset": []}, r"empty"),
+        ({"quant_method": "gptq"}, r"quant_method='gptq' does not belong"),
+    ],
+)
+def test_validation_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        SignRoundV2Config(**kwargs)
+
+
+def test_sym_and_iters_types():
+    with pytest.raises(TypeError, match="sym must be True or False"):
+        SignRoundV2Config(sym="yes")
+    with pytest.raises(TypeError, match="iters must be an int"):
+        SignRoundV2Config(iters=1.5)
+
+
+def test_unknown_keys_warn(caplog):
+    with caplog.at_level("WARNING"):
+        SignRoundV2Config(future_knob=1)
+    assert "future_knob" in caplog.text
+
+
+def test_token_id_dataset_is_not_serialised():
+    cfg = SignRoundV2Config(dataset=torch.zeros(4, 16, dtype=torch.long))
+    assert "dataset" not in cfg.to_dict()

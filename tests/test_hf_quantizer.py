@@ -1,0 +1,148 @@
+"""End to end through transformers: quantize while loading, save, reload, generate."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, pipeline
+
+from hf_signround import QuantLinear, SignRoundV2Config
+
+
+def rtn_config(**kw):
+    base = dict(bits=4, group_size=32, sym=False, iters=0)
+    base.update(kw)
+    return SignRoundV2Config(**base)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.tensor([[1, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+
+
+def test_quantize_save_reload_bit_exact(model_dir, tmp_path):
+    float_model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=rtn_config())
+    qlayers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    linears = {n for n, m in float_model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in n}
+    assert set(qlayers) == linears  # every block Linear quantized, lm_head kept
+    assert isinstance(model.lm_head, nn.Linear)
+    assert torch.equal(model.get_input_embeddings().weight, float_model.get_input_embeddings().weight)
+
+    ref = logits(float_model, IDS)
+    out = logits(model, IDS)
+    snr = 20 * torch.log10(ref.norm() / (ref - out).norm())
+    assert snr > 15, f"W4 round-to-nearest logits SNR {snr:.1f} dB"
+
+    model.save_pretrained(tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["quant_method"] == "signround_v2" and saved["bits"] == 4
+    assert set(saved["layer_config"]) == linears
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        name = next(iter(qlayers))
+        assert f.get_tensor(f"{name}.qweight").dtype == torch.int32
+
+    again, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert isinstance(again.config.quantization_config, SignRoundV2Config)
+    assert torch.equal(logits(again, IDS), out)
+    for n, m in again.named_modules():
+        if isinstance(m, QuantLinear):
+            for key, t in m.state_dict().items():
+                assert torch.equal(t, qlayers[n].state_dict()[key]), (n, key)
+
+
+def test_generate_and_pipeline(llama_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=rtn_config())
+    out = model.generate(IDS, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, IDS.shape[1] + 5)
+    gen = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    text = gen("the model", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("the model")
+
+
+def test_user_config_is_left_untouched(llama_dir):
+    cfg = rtn_config(modules_to_not_convert=["mlp.down_proj"])
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=cfg)
+    assert cfg.layer_config == {}  # from_pretrained worked on a copy
+    assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
+
+
+def test_mixed_layer_config(llama_dir, tmp_path):
+    over = {"model.layers.0.mlp.down_proj": {"bits": 8, "group_size": -1, "sym": True},
+            "model.layers.1.self_attn.q_proj": {"bits": 2}}
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=rtn_config(bits=3, layer_config=over))
+    down, q = model.model.layers[0].mlp.down_proj, model.model.layers[1].self_attn.q_proj
+    assert (down.bits, down.group_size, down.sym) == (8, -1, True)
+    assert (q.bits, q.group_size) == (2, 32)
+    assert model.model.layers[0].mlp.up_proj.bits == 3
+    assert "bits=8" in repr(down) and "group_size=-1" in repr(down)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(logits(again, IDS), logits(model, IDS))
+
+
+def test_group_size_that_does_not_divide_gives_a_short_last_group(llama_dir, tmp_path):
+    # 48 does not divide 64 or 128: groups are k // 48, the last one shorter (GPTQ's g_idx)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=rtn_config(group_size=48))
+    down = model.model.layers[0].mlp.down_proj  # in_features 128 -> groups of 48, 48, 32
+    assert down.num_groups == 3 and down.scales.shape == (3, 64)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path), IDS), logits(model, IDS))
+
+
+def test_stray_layer_config_name(llama_dir):
+    with pytest.raises(ValueError, match=r"layer_config names \['model.layers.0.nope'\]"):
+        AutoModelForCausalLM.from_pretrained(
+            llama_dir, quantization_config=rtn_config(layer_config={"model.layers.0.nope": {"bits": 2}}))
+
+
+def test_tuning_needs_a_dataset_and_a_tokenizer(llama_dir, corpus):
+    with pytest.raises(ValueError, match="iters=5 tunes on calibration data: pass dataset="):
+        AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=SignRoundV2Config(iters=5))
+    with pytest.raises(ValueError, match="a tokenizer is needed"):
+        AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=SignRoundV2Config(iters=5, dataset=corpus))
+
+
+def _saved(llama_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=rtn_config())
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_corrupt_checkpoint_missing_tensor(llama_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = _saved(llama_dir, tmp_path)
+    state = load_file(str(path / "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.qweight"]
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"corrupt hf_signround checkpoint: 1 packed tensors missing .*"
+                                         r"missing model\.layers\.1\.mlp\.up_proj\.qweight"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_corrupt_checkpoint_wrong_shape(llama_dir, tmp_path):
+    path = _saved(llama_dir, tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"]["layer_config"]["model.layers.0.mlp.up_proj"]["bits"] = 2  # edited by hand
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.qweight has shape \(8, 128\), expected \(4, 128\)"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_corrupt_config_without_layers(llama_dir, tmp_path):
+    path = _saved(llama_dir, tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"]["layer_config"] = {}
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="lists no quantized layers"):
+        AutoModelForCausalLM.from_pretrained(path)
