@@ -23,6 +23,8 @@ class _RegisterAfterLoad(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
+        if "hf_signround" in sys.modules:
+            return  # the package is being imported right now; its __init__ registers
         try:
             from hf_signround.hf_quantizer import register
 

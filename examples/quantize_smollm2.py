@@ -1,0 +1,89 @@
+"""The main job: quantize the bundled SmolLM2-135M-Instruct and report its quality.
+
+Calibrates on Python's `library/` docs, measures perplexity on the held-out `tutorial/`,
+`howto/` and `faq/` docs (40 windows x 512 tokens), saves the quantized checkpoint,
+reloads it with a plain `from_pretrained` and checks that the reload is bit-identical.
+
+    python examples/quantize_smollm2.py --bits 4 --group-size 128 --iters 0 --out out/smollm2-w4g128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_signround import SignRoundV2Config
+from hf_signround.assets import calibration_texts, heldout_texts, smollm2_path
+from hf_signround.evaluation import heldout_windows, perplexity
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--sym", action="store_true", help="symmetric quantization (default asymmetric)")
+    parser.add_argument("--iters", type=int, default=0, help="tuning steps per block; 0 = round-to-nearest")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=Path("out/smollm2-w4g128"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(0)
+
+    model_dir = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    windows = heldout_windows(tok, heldout_texts(), n_windows=args.eval_windows, seqlen=args.eval_seqlen)
+
+    fp_model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ppl_fp = perplexity(fp_model, windows)
+    del fp_model
+
+    cfg = SignRoundV2Config(
+        bits=args.bits, group_size=args.group_size, sym=args.sym, iters=args.iters,
+        nsamples=args.nsamples, seqlen=args.seqlen, dataset=calibration_texts(), tokenizer=tok,
+    )
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg)
+    seconds = time.perf_counter() - start
+    ppl_q = perplexity(model, windows)
+
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    reloaded = AutoModelForCausalLM.from_pretrained(args.out)
+    with torch.no_grad():
+        same = torch.equal(reloaded(input_ids=windows[:1]).logits, model(input_ids=windows[:1]).logits)
+    if not same:
+        raise SystemExit("reloaded checkpoint does not reproduce the quantized model's logits")
+
+    report = {
+        "model": "SmolLM2-135M-Instruct",
+        "scheme": f"W{args.bits}G{args.group_size} {'sym' if args.sym else 'asym'} iters={args.iters}",
+        "eval": f"{args.eval_windows} x {args.eval_seqlen} tokens of tutorial/ howto/ faq/",
+        "ppl_fp": round(ppl_fp, 3),
+        "ppl_quantized": round(ppl_q, 3),
+        "ppl_ratio": round(ppl_q / ppl_fp, 4),
+        "quantize_seconds": round(seconds, 1),
+        "fp_safetensors_mb": round(folder_bytes(model_dir) / 2**20, 1),
+        "quantized_safetensors_mb": round(folder_bytes(args.out) / 2**20, 1),
+        "reload_bit_exact": same,
+        "out": str(args.out),
+    }
+    (args.out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    width = max(map(len, report))
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in report.items()))
+
+
+if __name__ == "__main__":
+    main()
