@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_signround import assets
 
-pytestmark = pytest.mark.slow
+
 
 PROMPT = "def fibonacci(n):\n    # return the n-th Fibonacci number"
 
