@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import tiny_llama, tiny_neox
+from tests.tiny import tiny_llama, tiny_neox
 from hf_signround import SignRoundV2Config, quantize_model
 from hf_signround.blocks import find_blocks, matches, quantizable_layers
 

@@ -79,7 +79,17 @@ def scale_zero(
     Returns ``s`` rounded to ``scale_dtype`` (kept in float32, so dequantization with the
     stored scale is exact) and ``z`` (float32 holding integers; symmetric: ``2**(bits-1)``).
     """
-    wg = grouped(w.float(), spec)
+    return scale_zero_grouped(grouped(w.float(), spec), spec, alpha, beta, scale_dtype)
+
+
+def scale_zero_grouped(
+    wg: torch.Tensor,
+    spec: QuantSpec,
+    alpha: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scale_zero` on an already grouped float32 weight (N, G, group_len)."""
     wmin = wg.amin(dim=-1).clamp(max=0)
     wmax = wg.amax(dim=-1).clamp(min=0)
     if alpha is not None:
