@@ -9,7 +9,9 @@ without naming its classes.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -88,3 +90,42 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass at the first block."""
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple, dict[str, Any]]:
+    """The first block's inputs for every calibration window: hidden states (n, seqlen, hidden),
+    and the extra positional and keyword arguments the model passes to its blocks.
+
+    Each window runs alone through the model up to the first block (only the embeddings
+    compute), so the extra arguments (rotary embeddings, causal mask, positions) have batch
+    size 1 and broadcast over any batch of windows of the same length.
+    """
+    hidden: list[torch.Tensor] = []
+    extra: dict[str, Any] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        kwargs = dict(kwargs)
+        h = args[0] if args else kwargs.pop("hidden_states")
+        hidden.append(h.detach())
+        if not extra:
+            extra["args"], extra["kwargs"] = tuple(args[1:]), kwargs
+        raise _Captured
+
+    device = model.get_input_embeddings().weight.device
+    if device.type == "meta":
+        device = torch.device("cpu")
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for row in input_ids:
+            try:
+                model(input_ids=row[None].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(hidden), extra["args"], extra["kwargs"]

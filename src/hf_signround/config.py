@@ -72,6 +72,14 @@ class SignRoundV2Config(QuantizationConfigMixin):
             "group_size": 128, "sym": True}}``; missing keys fall back to the global values.
             After quantization it lists every quantized layer, so a checkpoint is
             self-describing.
+        amp: run the tuning steps under bfloat16 autocast where the device does bfloat16
+            matrix products fast (CUDA with bf16, CPUs with AVX512-BF16 or AMX); the float
+            reference outputs, the losses and the quantized chain stay in the model's dtype.
+        scale_search: run the activation-weighted pre-tuning scale search (spec §3b) to
+            initialise each group's range; False starts tuning from min-max (ablation).
+        topk_exclusion: leave the largest ``topk_ratio`` of element-wise errors out of the
+            tuning loss (spec §3c'); None turns it on for blocks with a layer below 4 bits.
+        topk_ratio: fraction of errors excluded (default 0.1 %).
         scale_dtype: storage dtype of the per-group scales.
         format_version: packed checkpoint layout version (see ``packing.py``).
     """
@@ -91,6 +99,10 @@ class SignRoundV2Config(QuantizationConfigMixin):
         seed: int = 42,
         modules_to_not_convert: list[str] | None = None,
         layer_config: dict[str, dict[str, Any]] | None = None,
+        amp: bool = True,
+        scale_search: bool = True,
+        topk_exclusion: bool | None = None,
+        topk_ratio: float = 0.001,
         scale_dtype: str = "float16",
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -112,6 +124,10 @@ class SignRoundV2Config(QuantizationConfigMixin):
         self.seed = seed
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.layer_config = {k: dict(v) for k, v in (layer_config or {}).items()}
+        self.amp = amp
+        self.scale_search = scale_search
+        self.topk_exclusion = topk_exclusion
+        self.topk_ratio = topk_ratio
         self.scale_dtype = scale_dtype
         self.format_version = format_version
         if kwargs:
@@ -131,6 +147,14 @@ class SignRoundV2Config(QuantizationConfigMixin):
         _check_int("nsamples", self.nsamples, minimum=1)
         _check_int("seqlen", self.seqlen, minimum=2)
         _check_int("seed", self.seed, minimum=0)
+        if not isinstance(self.amp, bool):
+            raise TypeError(f"amp must be True or False, got {self.amp!r}")
+        if not isinstance(self.scale_search, bool):
+            raise TypeError(f"scale_search must be True or False, got {self.scale_search!r}")
+        if self.topk_exclusion is not None and not isinstance(self.topk_exclusion, bool):
+            raise TypeError(f"topk_exclusion must be True, False or None (auto: below 4 bits), got {self.topk_exclusion!r}")
+        if isinstance(self.topk_ratio, bool) or not isinstance(self.topk_ratio, (int, float)) or not 0 < self.topk_ratio < 1:
+            raise ValueError(f"topk_ratio={self.topk_ratio!r} must lie strictly between 0 and 1 (default 0.001)")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype={self.scale_dtype!r} is not supported: choose one of {', '.join(SCALE_DTYPES)}")
         if self.format_version != FORMAT_VERSION:

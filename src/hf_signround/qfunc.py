@@ -90,8 +90,23 @@ def scale_zero_grouped(
     scale_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`scale_zero` on an already grouped float32 weight (N, G, group_len)."""
-    wmin = wg.amin(dim=-1).clamp(max=0)
-    wmax = wg.amax(dim=-1).clamp(min=0)
+    return scale_zero_from_range(*group_range(wg), spec, alpha, beta, scale_dtype)
+
+
+def group_range(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``min(W, 0)`` and ``max(W, 0)`` of a grouped weight, each (N, G)."""
+    return wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+
+
+def scale_zero_from_range(
+    wmin: torch.Tensor,
+    wmax: torch.Tensor,
+    spec: QuantSpec,
+    alpha: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point from the group range (spec "Quantizer"); see :func:`scale_zero`."""
     if alpha is not None:
         wmin = wmin * alpha
     if beta is not None:
@@ -137,6 +152,43 @@ def dequantize_codes(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: Qu
     return ungrouped((qg - z.unsqueeze(-1)) * s.unsqueeze(-1), q.shape[1])
 
 
+class _FakeQuantSTE(torch.autograd.Function):
+    """``s · (clamp(round(w/s + v) + z, 0, maxq) − z)`` on grouped tensors, with the
+    straight-through gradient written out by hand: the autograd graph of the same
+    expression keeps about three times as many full-size temporaries, and this runs in
+    every forward of block tuning. ``z`` carries no gradient (it is rounded)."""
+
+    @staticmethod
+    def forward(ctx, wg, v, s, z, maxq):
+        x = wg / s
+        if v is not None:
+            x += v
+        r = torch.round_(x).add_(z)
+        q = r.clamp(0, maxq)
+        inside = q == r  # where clamp passes the gradient through
+        out = q.sub_(z).mul_(s)
+        ctx.save_for_backward(wg, s, inside, out)
+        ctx.v_given = v is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        wg, s, inside, out = ctx.saved_tensors
+        grad_v = grad * inside * s if ctx.v_given and ctx.needs_input_grad[1] else None
+        grad_s = None
+        if ctx.needs_input_grad[2]:
+            # d out / d s = (q − z) − inside · w / s = (out − inside · w) / s
+            grad_s = (grad * (out - wg * inside)).sum(-1, keepdim=True) / s
+        return None, grad_v, grad_s, None, None
+
+
+def fake_quantize_grouped(
+    wg: torch.Tensor, spec: QuantSpec, s: torch.Tensor, z: torch.Tensor, vg: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Quantize-dequantize a grouped float32 weight (N, G, L) with scales/zeros (N, G)."""
+    return _FakeQuantSTE.apply(wg, vg, s.unsqueeze(-1), z.unsqueeze(-1), spec.maxq)
+
+
 def fake_quantize(
     w: torch.Tensor,
     spec: QuantSpec,
@@ -146,8 +198,10 @@ def fake_quantize(
     scale_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Quantize-dequantize ``w`` (differentiable in ``v``, ``alpha``, ``beta`` via STE), float32."""
-    s, z = scale_zero(w, spec, alpha, beta, scale_dtype)
-    return dequantize_codes(quantize_codes(w, s, z, spec, v), s, z, spec)
+    wg = grouped(w.float(), spec)
+    s, z = scale_zero_grouped(wg, spec, alpha, beta, scale_dtype)
+    vg = None if v is None else grouped(v, spec)
+    return ungrouped(fake_quantize_grouped(wg, spec, s, z, vg), w.shape[1])
 
 
 def quantize_rtn(

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import find_blocks, quantizable_layers, set_module
+from .blocks import capture_block_inputs, find_blocks, quantizable_layers, set_module
 from .config import SignRoundV2Config
 from .qfunc import QuantSpec, quantize_rtn
 from .qlinear import QuantLinear
+from .scale_search import search_factors
+from .tuning import BlockCall, TunableLinear, TuneSettings, fast_bf16, mse_and_outputs, tune_block
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ def quantize_model(
     config: SignRoundV2Config,
     calibration: torch.Tensor | None = None,
     skip: list[str] | tuple[str, ...] = (),
-) -> dict[str, QuantSpec]:
+) -> dict[str, BlockReport]:
     """Quantize every eligible Linear of ``model``'s decoder blocks in place.
 
     Args:
@@ -65,28 +68,114 @@ def quantize_model(
         calibration: token windows (nsamples, seqlen); needed when ``config.iters > 0``.
         skip: module names kept in full precision besides ``config.modules_to_not_convert``.
 
-    Returns the plan: layer name -> QuantSpec.
+    Returns a report per block (its layers' specs and, when tuned, the reconstruction
+    loss before and after tuning).
     """
     plan = plan_layers(model, config, skip)
     if config.needs_calibration and calibration is None:
         raise ValueError(f"iters={config.iters} tunes on calibration data: pass dataset= (and tokenizer=) in the config")
-    scale_dtype = getattr(torch, config.scale_dtype)
     prefix, blocks = find_blocks(model)
-    per_block: dict[int, list[str]] = defaultdict(list)
-    for name in plan:
-        per_block[int(name[len(prefix) + 1 :].split(".", 1)[0])].append(name)
+    per_block: dict[int, dict[str, QuantSpec]] = defaultdict(dict)
+    for name, spec in plan.items():
+        index, _, rel = name[len(prefix) + 1 :].partition(".")
+        per_block[int(index)][rel] = spec
 
-    progress = tqdm(range(len(blocks)), desc="quantizing blocks", unit="block", disable=not per_block)
-    for index in progress:
-        for name in per_block.get(index, []):
-            set_module(model, name, to_quant_linear(model.get_submodule(name), plan[name], scale_dtype))
-        logger.debug("block %d/%d: %d layers round-to-nearest", index + 1, len(blocks), len(per_block.get(index, [])))
-
+    if config.needs_calibration:
+        reports = _tune_blocks(model, blocks, per_block, config, calibration)
+    else:
+        reports = _round_blocks(blocks, per_block, config)
     config.layer_config = {
         name: {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym} for name, spec in plan.items()
     }
     logger.info("quantized %d layers in %d blocks", len(plan), len(blocks))
-    return plan
+    return {f"{prefix}.{i}": report for i, report in reports.items()}
+
+
+@dataclass
+class BlockReport:
+    specs: dict[str, QuantSpec]
+    loss_before: float | None = None  # full-set MSE with the initial (searched or min-max) quantizer
+    loss_after: float | None = None  # full-set MSE after tuning and freezing
+
+
+def _round_blocks(blocks: nn.ModuleList, per_block: dict[int, dict[str, QuantSpec]], config: SignRoundV2Config):
+    scale_dtype = getattr(torch, config.scale_dtype)
+    reports = {}
+    for index in tqdm(range(len(blocks)), desc="round-to-nearest", unit="block", disable=not per_block):
+        specs = per_block.get(index, {})
+        for rel, spec in specs.items():
+            set_module(blocks[index], rel, to_quant_linear(blocks[index].get_submodule(rel), spec, scale_dtype))
+        reports[index] = BlockReport(specs)
+    return reports
+
+
+def _tune_blocks(model, blocks, per_block, config: SignRoundV2Config, calibration: torch.Tensor):
+    """Spec §3 a-d, block after block, with a float chain and a quantized chain side by side."""
+    scale_dtype = getattr(torch, config.scale_dtype)
+    grad_flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    try:
+        hidden, args, kwargs = capture_block_inputs(model, blocks, calibration)
+        call = BlockCall(args, kwargs)
+        fp_in = q_in = hidden  # identical until the first quantized block
+        reports = {}
+        progress = tqdm(range(len(blocks)), desc="tuning blocks", unit="block")
+        for index in progress:
+            block, specs = blocks[index], per_block.get(index, {})
+            importance = _importance_hooks(block, specs) if config.scale_search else None
+            fp_out = call.batched(block, fp_in, config.batch_size)
+            if importance is not None:
+                importance = importance.finish()
+            if not specs:
+                q_out = fp_out if q_in is fp_in else call.batched(block, q_in, config.batch_size)
+                reports[index] = BlockReport(specs)
+                fp_in, q_in = fp_out, q_out
+                continue
+            tunables = {}
+            for rel, spec in specs.items():
+                layer = block.get_submodule(rel)
+                factor = search_factors(layer.weight, spec, importance[rel], scale_dtype) if importance else None
+                tunables[rel] = TunableLinear(layer, spec, factor, scale_dtype)
+                set_module(block, rel, tunables[rel])
+            before, _ = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
+            topk = config.topk_exclusion if config.topk_exclusion is not None else min(s.bits for s in specs.values()) < 4
+            amp = config.amp and hidden.dtype == torch.float32 and fast_bf16(hidden.device)
+            settings = TuneSettings(config.iters, config.effective_lr, config.batch_size,
+                                    config.topk_ratio if topk else None, config.seed + index, amp)
+            tune_block(block, tunables, call, q_in, fp_out, settings)
+            for rel, tunable in tunables.items():
+                frozen = {k: v.detach() for k, v in tunable.quant_args().items()}
+                set_module(block, rel, to_quant_linear(tunable.layer, tunable.spec, scale_dtype, **frozen))
+            after, q_out = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
+            reports[index] = BlockReport(specs, before, after)
+            progress.set_postfix_str(f"loss {before:.3g} -> {after:.3g}")
+            logger.info("block %d/%d: %d layers, reconstruction loss %.4g -> %.4g",
+                        index + 1, len(blocks), len(specs), before, after)
+            fp_in, q_in = fp_out, q_out
+        return reports
+    finally:
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+
+
+class _importance_hooks:
+    """Σ x_j² over all tokens of each listed Linear's input (spec §3b), gathered by forward hooks."""
+
+    def __init__(self, block: nn.Module, specs: dict[str, QuantSpec]):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.handles = [block.get_submodule(rel).register_forward_hook(self._hook(rel)) for rel in specs]
+
+    def _hook(self, rel: str):
+        def hook(module, args, output):
+            x = args[0].detach().float()
+            sq = x.reshape(-1, x.shape[-1]).square().sum(0)
+            self.sums[rel] = self.sums[rel] + sq if rel in self.sums else sq
+        return hook
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return self.sums
 
 
 def replace_with_empty_quant_linears(model: nn.Module, config: SignRoundV2Config) -> None:

@@ -1,0 +1,136 @@
+"""Quality and cost of SignRoundV2 on SmolLM2-135M-Instruct, side by side with the reference.
+
+Protocol (issue 3): calibration 32 x 256 tokens drawn with a fixed seed from Python's
+`library/` docs; perplexity over 40 non-overlapping 512-token windows of the held-out
+`tutorial/` + `howto/` + `faq/` docs; iters 50, batch 8. Every row quantizes a fresh copy
+of the float model with the same calibration windows, and the tuning wall time is
+measured in this run, so ratios between rows are meaningful on a noisy shared machine.
+
+    python benchmarks/quality.py                      # every row (takes hours on 2 cores)
+    python benchmarks/quality.py --rows fp ours-W4G128-sym ar-W4G128-sym
+    python benchmarks/quality.py --list
+
+Rows: `fp`; `rtn-<scheme>` (round-to-nearest); `ours-<scheme>` (tuned); ablations
+`ours-<scheme>-noscale` (no pre-tuning scale search) and `ours-<scheme>-notopk` (no top-k
+exclusion); `ar-<scheme>` and `arv2-<scheme>` (auto-round's SignRound and its
+SignRoundV2 `enable_alg_ext`, when `auto-round` is installed). A scheme is
+`W<bits>G<group>-<sym|asym>`. Results are merged into the JSON file row by row, so an
+interrupted run keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_signround import SignRoundV2Config, quantize_model
+from hf_signround.assets import calibration_texts, heldout_texts, smollm2_path
+from hf_signround.calibration import build_calibration
+from hf_signround.evaluation import heldout_windows, perplexity
+
+SCHEMES = ["W4G128-sym", "W3G128-sym", "W2G64-sym", "W4G128-asym", "W3G128-asym", "W2G64-asym"]
+DEFAULT_ROWS = (
+    ["fp"]
+    + [f"rtn-{s}" for s in ("W4G128-sym", "W3G128-sym", "W2G64-sym")]
+    + [f"ours-{s}" for s in SCHEMES]
+    + ["ours-W4G128-sym-noscale", "ours-W2G64-sym-noscale", "ours-W2G64-sym-notopk"]
+    + [f"{peer}-{s}" for peer in ("ar", "arv2") for s in ("W4G128-sym", "W3G128-sym", "W2G64-sym")]
+)
+ROW = re.compile(r"^(fp|rtn|ours|ar|arv2)(?:-W(\d)G(-?\d+)-(sym|asym))?(?:-(noscale|notopk))?$")
+ITERS, NSAMPLES, SEQLEN, BATCH, SEED = 50, 32, 256, 8, 42
+
+
+def parse(row: str) -> dict:
+    m = ROW.match(row)
+    if not m or (m.group(1) != "fp" and m.group(2) is None):
+        raise SystemExit(f"unknown row {row!r}; see --list")
+    kind, bits, group, sym, ablation = m.groups()
+    return {"kind": kind, "bits": int(bits or 16), "group_size": int(group or 0), "sym": sym == "sym",
+            "ablation": ablation}
+
+
+def run_ours(model, spec: dict, calib: torch.Tensor) -> float:
+    cfg = SignRoundV2Config(
+        bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"],
+        iters=0 if spec["kind"] == "rtn" else ITERS, nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=BATCH, seed=SEED,
+        scale_search=spec["ablation"] != "noscale", topk_exclusion=False if spec["ablation"] == "notopk" else None,
+    )
+    start = time.perf_counter()
+    quantize_model(model, cfg, calib if cfg.needs_calibration else None, skip=["lm_head"])
+    return time.perf_counter() - start
+
+
+def run_autoround(model, tok, spec: dict, calib: torch.Tensor):
+    from auto_round import AutoRound
+
+    ar = AutoRound(
+        model, tok, bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"], iters=ITERS,
+        nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=BATCH, seed=SEED, dataset=[row[None] for row in calib],
+        enable_alg_ext=spec["kind"] == "arv2", device_map="cpu",
+    )
+    start = time.perf_counter()
+    qmodel, _ = ar.quantize()
+    seconds = time.perf_counter() - start
+    return qmodel.float(), seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--list", action="store_true", help="print the default rows and exit")
+    args = parser.parse_args()
+    if args.list:
+        print("\n".join(DEFAULT_ROWS))
+        return
+    specs = {row: parse(row) for row in args.rows}
+    logging.basicConfig(level=logging.WARNING)
+
+    model_dir = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    windows = heldout_windows(tok, heldout_texts(), n_windows=args.eval_windows, seqlen=512)
+    calib = build_calibration(calibration_texts(), tok, NSAMPLES, SEQLEN, SEED)
+
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for row, spec in specs.items():
+        if spec["kind"] in ("ar", "arv2"):
+            try:
+                import auto_round  # noqa: F401
+            except ImportError:
+                print(f"{row}: skipped (pip install auto-round to run the reference)")
+                continue
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        seconds = None
+        if spec["kind"] in ("rtn", "ours"):
+            seconds = run_ours(model, spec, calib)
+        elif spec["kind"] in ("ar", "arv2"):
+            model, seconds = run_autoround(model, tok, spec, calib)
+        ppl = perplexity(model, windows)
+        results[row] = {"ppl": round(ppl, 3), "quantize_seconds": None if seconds is None else round(seconds, 1),
+                        "iters": ITERS if spec["kind"] not in ("fp", "rtn") else 0, "nsamples": NSAMPLES,
+                        "seqlen": SEQLEN, "batch_size": BATCH, "eval_windows": args.eval_windows,
+                        "torch_threads": torch.get_num_threads()}
+        args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        print(f"{row:<28} ppl {ppl:9.3f}   seconds {seconds if seconds is None else round(seconds, 1)}", flush=True)
+        del model
+
+    print(f"\n{'row':<28} {'ppl':>9} {'vs fp':>7} {'seconds':>8}")
+    fp = results.get("fp", {}).get("ppl")
+    for row, r in results.items():
+        ratio = f"{r['ppl'] / fp:.3f}" if fp else "-"
+        secs = "-" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}"
+        print(f"{row:<28} {r['ppl']:>9.3f} {ratio:>7} {secs:>8}")
+
+
+if __name__ == "__main__":
+    main()
