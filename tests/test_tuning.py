@@ -120,3 +120,25 @@ def test_user_parameters_keep_their_grad_flags(calib):
     model = tiny_llama()
     quantize_model(model, tuned(iters=2), calib)
     assert model.lm_head.weight.requires_grad and model.model.embed_tokens.weight.requires_grad
+
+
+@pytest.mark.parametrize("iters", [0, 3])
+def test_offloaded_blocks_quantize_like_resident_ones(iters, corpus, tokenizer, tmp_path):
+    # block 1 offloaded to disk by accelerate: its Linears hold meta weights behind hooks
+    tiny_llama().save_pretrained(tmp_path / "float")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    cfg = SignRoundV2Config(bits=3, group_size=32, iters=iters, batch_size=4, nsamples=8, seqlen=32,
+                            dataset=corpus, tokenizer=tokenizer)
+    resident = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg)
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=cfg,
+                                                     device_map=device_map, offload_folder=tmp_path / "offload")
+    layer = offloaded.model.layers[1].mlp.up_proj
+    assert isinstance(layer, QuantLinear) and layer.qweight.device.type == "cpu"
+    ids = torch.tensor([[1, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(offloaded(input_ids=ids).logits, resident(input_ids=ids).logits)
+    offloaded.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, resident(input_ids=ids).logits)

@@ -9,6 +9,7 @@ without naming its classes.
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -129,3 +130,67 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
     finally:
         handle.remove()
     return torch.cat(hidden), extra["args"], extra["kwargs"]
+
+
+def _home_device(block: nn.Module) -> torch.device:
+    """Where a block's quantized layers should live: its weights' device, or for a block
+    offloaded by accelerate, the device its hooks compute on."""
+    for p in block.parameters():
+        if p.device.type != "meta":
+            return p.device
+    for module in block.modules():
+        hook = getattr(module, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+    return torch.device("cpu")
+
+
+@contextmanager
+def block_on(block: nn.Module, device: torch.device):
+    """Hold ``block``'s weights on ``device`` while inside, also when accelerate offloaded them.
+
+    Offloaded leaves (meta weights behind an ``AlignDevicesHook``, after ``device_map`` with
+    CPU or disk offload) are materialised with ``accelerate.utils.align_module_device``;
+    on exit they are offloaded again and everything else, including the QuantLinears
+    that replaced Linears inside, moves to the block's home device.
+    """
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    home = _home_device(block)
+    with ExitStack() as stack:
+        for module in block.modules():
+            if has_offloaded_params(module):
+                stack.enter_context(align_module_device(module, device))
+                # While we hold the block, forward passes must not offload the weights
+                # again (the hook would after every call); restored before re-offloading.
+                hook = module._hf_hook
+                hook.offload = False
+                stack.callback(setattr, hook, "offload", True)
+        _move_resident(block, device)
+        try:
+            yield block
+        finally:
+            _move_resident(block, home)
+
+
+def _move_resident(block: nn.Module, device: torch.device) -> None:
+    # Module.to() would fail on the meta tensors of leaves that stay offloaded.
+    for module in block.modules():
+        for key, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None and t.device.type != "meta" and t.device != device:
+                moved = t.to(device)
+                if key in module._parameters:
+                    module._parameters[key] = nn.Parameter(moved, requires_grad=t.requires_grad)
+                else:
+                    module._buffers[key] = moved
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj

@@ -72,6 +72,9 @@ class SignRoundV2Config(QuantizationConfigMixin):
             "group_size": 128, "sym": True}}``; missing keys fall back to the global values.
             After quantization it lists every quantized layer, so a checkpoint is
             self-describing.
+        device: where blocks are quantized one at a time ("cuda", "cuda:1", "cpu"); None
+            means CUDA when available, else CPU. Only the block being quantized (and the
+            calibration activations) is on it; offloaded blocks are brought in one by one.
         amp: run the tuning steps under bfloat16 autocast where the device does bfloat16
             matrix products fast (CUDA with bf16, CPUs with AVX512-BF16 or AMX); the float
             reference outputs, the losses and the quantized chain stay in the model's dtype.
@@ -99,6 +102,7 @@ class SignRoundV2Config(QuantizationConfigMixin):
         seed: int = 42,
         modules_to_not_convert: list[str] | None = None,
         layer_config: dict[str, dict[str, Any]] | None = None,
+        device: str | None = None,
         amp: bool = True,
         scale_search: bool = True,
         topk_exclusion: bool | None = None,
@@ -124,6 +128,7 @@ class SignRoundV2Config(QuantizationConfigMixin):
         self.seed = seed
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.layer_config = {k: dict(v) for k, v in (layer_config or {}).items()}
+        self.device = device
         self.amp = amp
         self.scale_search = scale_search
         self.topk_exclusion = topk_exclusion
@@ -147,6 +152,13 @@ class SignRoundV2Config(QuantizationConfigMixin):
         _check_int("nsamples", self.nsamples, minimum=1)
         _check_int("seqlen", self.seqlen, minimum=2)
         _check_int("seed", self.seed, minimum=0)
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"device={self.device!r} is not a torch device (e.g. 'cuda', 'cuda:0', 'cpu')") from err
         if not isinstance(self.amp, bool):
             raise TypeError(f"amp must be True or False, got {self.amp!r}")
         if not isinstance(self.scale_search, bool):
@@ -182,6 +194,14 @@ class SignRoundV2Config(QuantizationConfigMixin):
     def needs_calibration(self) -> bool:
         """Whether quantizing with this config reads calibration data."""
         return self.iters > 0
+
+    @property
+    def compute_device(self):
+        import torch
+
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     @property
     def effective_lr(self) -> float:

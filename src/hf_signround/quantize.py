@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import capture_block_inputs, find_blocks, quantizable_layers, set_module
+from .blocks import block_on, capture_block_inputs, find_blocks, quantizable_layers, set_module, to_device
 from .config import SignRoundV2Config
 from .qfunc import QuantSpec, quantize_rtn
 from .qlinear import QuantLinear
@@ -103,62 +103,69 @@ def _round_blocks(blocks: nn.ModuleList, per_block: dict[int, dict[str, QuantSpe
     reports = {}
     for index in tqdm(range(len(blocks)), desc="round-to-nearest", unit="block", disable=not per_block):
         specs = per_block.get(index, {})
-        for rel, spec in specs.items():
-            set_module(blocks[index], rel, to_quant_linear(blocks[index].get_submodule(rel), spec, scale_dtype))
+        if specs:
+            with block_on(blocks[index], config.compute_device) as block:
+                for rel, spec in specs.items():
+                    set_module(block, rel, to_quant_linear(block.get_submodule(rel), spec, scale_dtype))
         reports[index] = BlockReport(specs)
     return reports
 
 
 def _tune_blocks(model, blocks, per_block, config: SignRoundV2Config, calibration: torch.Tensor):
     """Spec §3 a-d, block after block, with a float chain and a quantized chain side by side."""
-    scale_dtype = getattr(torch, config.scale_dtype)
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     try:
+        device = config.compute_device
         hidden, args, kwargs = capture_block_inputs(model, blocks, calibration)
-        call = BlockCall(args, kwargs)
+        hidden, call = hidden.to(device), BlockCall(*to_device((args, kwargs), device))
         fp_in = q_in = hidden  # identical until the first quantized block
         reports = {}
         progress = tqdm(range(len(blocks)), desc="tuning blocks", unit="block")
         for index in progress:
-            block, specs = blocks[index], per_block.get(index, {})
-            importance = _importance_hooks(block, specs) if config.scale_search else None
-            fp_out = call.batched(block, fp_in, config.batch_size)
-            if importance is not None:
-                importance = importance.finish()
-            if not specs:
-                q_out = fp_out if q_in is fp_in else call.batched(block, q_in, config.batch_size)
-                reports[index] = BlockReport(specs)
-                fp_in, q_in = fp_out, q_out
-                continue
-            tunables = {}
-            for rel, spec in specs.items():
-                layer = block.get_submodule(rel)
-                factor = search_factors(layer.weight, spec, importance[rel], scale_dtype) if importance else None
-                tunables[rel] = TunableLinear(layer, spec, factor, scale_dtype)
-                set_module(block, rel, tunables[rel])
-            before, _ = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
-            topk = config.topk_exclusion if config.topk_exclusion is not None else min(s.bits for s in specs.values()) < 4
-            amp = config.amp and hidden.dtype == torch.float32 and fast_bf16(hidden.device)
-            settings = TuneSettings(config.iters, config.effective_lr, config.batch_size,
-                                    config.topk_ratio if topk else None, config.seed + index, amp)
-            tune_block(block, tunables, call, q_in, fp_out, settings)
-            for rel, tunable in tunables.items():
-                frozen = {k: v.detach() for k, v in tunable.quant_args().items()}
-                set_module(block, rel, to_quant_linear(tunable.layer, tunable.spec, scale_dtype, **frozen))
-            after, q_out = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
-            reports[index] = BlockReport(specs, before, after)
-            progress.set_postfix_str(f"loss {before:.3g} -> {after:.3g}")
-            logger.info("block %d/%d: %d layers, reconstruction loss %.4g -> %.4g",
-                        index + 1, len(blocks), len(specs), before, after)
-            fp_in, q_in = fp_out, q_out
+            with block_on(blocks[index], device) as block:
+                reports[index], fp_in, q_in = _tune_block(block, per_block.get(index, {}), call, fp_in, q_in,
+                                                          config, index)
+            if reports[index].loss_after is not None:
+                before, after = reports[index].loss_before, reports[index].loss_after
+                progress.set_postfix_str(f"loss {before:.3g} -> {after:.3g}")
+                logger.info("block %d/%d: %d layers, reconstruction loss %.4g -> %.4g",
+                            index + 1, len(blocks), len(reports[index].specs), before, after)
         return reports
     finally:
         for p, flag in grad_flags.items():
             p.requires_grad_(flag)
 
 
-class _importance_hooks:
+def _tune_block(block, specs, call: BlockCall, fp_in, q_in, config: SignRoundV2Config, index: int):
+    """One block: reference outputs, scale search, tuning, freezing. Returns (report, fp_out, q_out)."""
+    importance = _ImportanceHooks(block, specs) if config.scale_search and specs else None
+    fp_out = call.batched(block, fp_in, config.batch_size)
+    if not specs:
+        q_out = fp_out if q_in is fp_in else call.batched(block, q_in, config.batch_size)
+        return BlockReport(specs), fp_out, q_out
+    importance = importance.finish() if importance is not None else None
+    scale_dtype = getattr(torch, config.scale_dtype)
+    tunables = {}
+    for rel, spec in specs.items():
+        layer = block.get_submodule(rel)
+        factor = search_factors(layer.weight, spec, importance[rel], scale_dtype) if importance else None
+        tunables[rel] = TunableLinear(layer, spec, factor, scale_dtype)
+        set_module(block, rel, tunables[rel])
+    before, _ = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
+    topk = config.topk_exclusion if config.topk_exclusion is not None else min(s.bits for s in specs.values()) < 4
+    amp = config.amp and q_in.dtype == torch.float32 and fast_bf16(q_in.device)
+    settings = TuneSettings(config.iters, config.effective_lr, config.batch_size,
+                            config.topk_ratio if topk else None, config.seed + index, amp)
+    tune_block(block, tunables, call, q_in, fp_out, settings)
+    for rel, tunable in tunables.items():
+        frozen = {k: v.detach() for k, v in tunable.quant_args().items()}
+        set_module(block, rel, to_quant_linear(tunable.layer, tunable.spec, scale_dtype, **frozen))
+    after, q_out = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
+    return BlockReport(specs, before, after), fp_out, q_out
+
+
+class _ImportanceHooks:
     """Σ x_j² over all tokens of each listed Linear's input (spec §3b), gathered by forward hooks."""
 
     def __init__(self, block: nn.Module, specs: dict[str, QuantSpec]):
