@@ -146,3 +146,20 @@ def test_corrupt_config_without_layers(llama_dir, tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="lists no quantized layers"):
         AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_push_to_hub_uploads_a_reloadable_checkpoint(llama_dir, tmp_path, monkeypatch):
+    # offline: intercept the hub calls and keep the folder push_to_hub would upload
+    import shutil
+    from types import SimpleNamespace
+
+    import transformers.utils.hub as hub
+
+    monkeypatch.setattr(hub, "hf_api", lambda: SimpleNamespace(create_repo=lambda repo_id, **kw: SimpleNamespace(repo_id=repo_id)))
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **kw: SimpleNamespace(save=lambda path: None))
+    uploaded = tmp_path / "uploaded"
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=rtn_config())
+    monkeypatch.setattr(model, "_upload_modified_files", lambda working_dir, *a, **kw: shutil.copytree(working_dir, uploaded))
+    model.push_to_hub("someone/tiny-w4")
+    again = AutoModelForCausalLM.from_pretrained(uploaded)
+    assert torch.equal(logits(again, IDS), logits(model, IDS))
