@@ -27,10 +27,12 @@ def tuned(arch=tiny_llama, **kw):
 @pytest.mark.parametrize("arch", [tiny_llama, tiny_neox])
 @pytest.mark.parametrize("sym", [False, True])
 def test_tuning_lowers_reconstruction_loss_on_every_block(arch, sym, calib):
-    # without the scale search the starting point is round-to-nearest
-    reports = quantize_model(arch(), tuned(sym=sym, scale_search=False), calib)
+    # without the scale search the first step is round-to-nearest; full fp32 batches make the
+    # first step's loss the whole set's reconstruction MSE
+    reports = quantize_model(arch(), tuned(sym=sym, scale_search=False, batch_size=8, amp=False, topk_exclusion=False), calib)
     for name, report in reports.items():
         assert report.loss_after < 0.9 * report.loss_before, (name, report)
+        assert report.mse_after == pytest.approx(report.loss_after, rel=1e-3), (name, report)
 
 
 @pytest.mark.parametrize("bits, group_size", [(2, 32), (3, -1), (4, 48), (8, 32)])
@@ -38,7 +40,7 @@ def test_tuning_lowers_reconstruction_loss_on_every_block(arch, sym, calib):
 def test_every_bit_width_and_group_size(bits, group_size, sym, calib):
     model = tiny_llama()
     reports = quantize_model(model, tuned(bits=bits, group_size=group_size, sym=sym, iters=4), calib)
-    assert all(r.loss_after <= r.loss_before * 1.05 for r in reports.values())
+    assert all(r.loss_after <= r.loss_before for r in reports.values())
     layer = model.model.layers[1].mlp.down_proj
     assert isinstance(layer, QuantLinear) and (layer.bits, layer.group_size, layer.sym) == (bits, group_size, sym)
 

@@ -94,8 +94,9 @@ def quantize_model(
 @dataclass
 class BlockReport:
     specs: dict[str, QuantSpec]
-    loss_before: float | None = None  # full-set MSE with the initial (searched or min-max) quantizer
-    loss_after: float | None = None  # full-set MSE after tuning and freezing
+    loss_before: float | None = None  # tuning loss of the first step (the searched or min-max start)
+    loss_after: float | None = None  # tuning loss of the kept (lowest) step
+    mse_after: float | None = None  # plain MSE of the frozen block over all calibration windows
 
 
 def _round_blocks(blocks: nn.ModuleList, per_block: dict[int, dict[str, QuantSpec]], config: SignRoundV2Config):
@@ -129,8 +130,8 @@ def _tune_blocks(model, blocks, per_block, config: SignRoundV2Config, calibratio
             if reports[index].loss_after is not None:
                 before, after = reports[index].loss_before, reports[index].loss_after
                 progress.set_postfix_str(f"loss {before:.3g} -> {after:.3g}")
-                logger.info("block %d/%d: %d layers, reconstruction loss %.4g -> %.4g",
-                            index + 1, len(blocks), len(reports[index].specs), before, after)
+                logger.info("block %d/%d: %d layers, loss %.4g (first step) -> %.4g (kept step); frozen block MSE %.4g",
+                            index + 1, len(blocks), len(reports[index].specs), before, after, reports[index].mse_after)
         return reports
     finally:
         for p, flag in grad_flags.items():
@@ -152,17 +153,16 @@ def _tune_block(block, specs, call: BlockCall, fp_in, q_in, config: SignRoundV2C
         factor = search_factors(layer.weight, spec, importance[rel], scale_dtype) if importance else None
         tunables[rel] = TunableLinear(layer, spec, factor, scale_dtype)
         set_module(block, rel, tunables[rel])
-    before, _ = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
     topk = config.topk_exclusion if config.topk_exclusion is not None else min(s.bits for s in specs.values()) < 4
     amp = config.amp and q_in.dtype == torch.float32 and fast_bf16(q_in.device)
     settings = TuneSettings(config.iters, config.effective_lr, config.batch_size,
                             config.topk_ratio if topk else None, config.seed + index, amp)
-    tune_block(block, tunables, call, q_in, fp_out, settings)
+    history = tune_block(block, tunables, call, q_in, fp_out, settings)
     for rel, tunable in tunables.items():
         frozen = {k: v.detach() for k, v in tunable.quant_args().items()}
         set_module(block, rel, to_quant_linear(tunable.layer, tunable.spec, scale_dtype, **frozen))
-    after, q_out = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
-    return BlockReport(specs, before, after), fp_out, q_out
+    mse, q_out = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
+    return BlockReport(specs, history[0], min(history), mse), fp_out, q_out
 
 
 class _ImportanceHooks:
