@@ -10,7 +10,7 @@ $(STAMP):
 	mkdir -p .cache && touch $@
 
 main: setup
-	$(PY) examples/quantize_smollm2.py --out out/smollm2-w4g128
+	$(PY) examples/quantize_smollm2.py --bits 4 --group-size 128 --sym --iters 50 --out out/smollm2-w4g128
 
 test: setup
 	$(PY) -m pytest tests integration_tests -m "not slow" -q
