@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from tests.tiny import trained_word_tokenizer
 from hf_signround.calibration import build_calibration, check_dataset_spec, is_token_ids, load_texts
 
 SENTENCES = [
@@ -22,10 +22,7 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def word_tok() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<eos>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]")
+    return trained_word_tokenizer(SENTENCES)
 
 
 def n_words(texts: list[str]) -> int:

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tests.tiny import trained_word_tokenizer
 from hf_signround.evaluation import heldout_windows, perplexity, tokens_per_second
 
 # Ten texts of ten words: w0 .. w99, each word once, so a token's word names its stream position.
@@ -18,10 +18,7 @@ TEXTS = [" ".join(f"w{i}" for i in range(start, start + 10)) for start in range(
 
 @pytest.fixture(scope="module")
 def word_tok() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(TEXTS, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<eos>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]")
+    return trained_word_tokenizer(TEXTS)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +51,7 @@ def test_heldout_windows_all_and_one(word_tok: PreTrainedTokenizerFast) -> None:
 
 
 def test_heldout_windows_too_little_text(word_tok: PreTrainedTokenizerFast) -> None:
-    with pytest.raises(ValueError, match=r"100 tokens make 3 windows of 32 tokens, but n_windows=4"):
+    with pytest.raises(ValueError, match=r"not enough held-out text: 100 tokens available, 128 tokens needed \(n_windows=4 x seqlen=32\); pass more text, or lower n_windows/seqlen"):
         heldout_windows(word_tok, TEXTS, n_windows=4, seqlen=32)
 
 

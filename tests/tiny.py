@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 WORDS = (
@@ -51,3 +51,11 @@ def tiny_neox(seed: int = 0) -> GPTNeoXForCausalLM:
 ARCHS = {"llama": tiny_llama, "neox": tiny_neox}
 
 
+
+
+def trained_word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
+    """A WordLevel tokenizer trained on ``texts`` (special tokens [UNK]=0, <eos>=1)."""
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[UNK]", "<eos>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="[UNK]")

@@ -330,6 +330,18 @@ def _tokenize_stream(texts: Sequence[str], tokenizer: Any) -> torch.Tensor:
     return torch.tensor(stream, dtype=torch.long)
 
 
+def token_windows(stream: torch.Tensor, seqlen: int, needed: int, what: str, count_name: str) -> torch.Tensor:
+    """Cut a 1-D token stream into consecutive non-overlapping (W, seqlen) windows; W >= needed or a ValueError
+    that names the shortfall and the fix (``what`` names the text, ``count_name`` the knob)."""
+    total = stream.numel() // seqlen
+    if total < needed:
+        raise ValueError(
+            f"not enough {what} text: {stream.numel()} tokens available, {needed * seqlen} tokens needed "
+            f"({count_name}={needed} x seqlen={seqlen}); pass more text, or lower {count_name}/seqlen"
+        )
+    return stream[: total * seqlen].view(total, seqlen)
+
+
 def build_calibration(dataset: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """Return a ``(nsamples, seqlen)`` LongTensor of calibration token windows.
 
@@ -351,19 +363,9 @@ def build_calibration(dataset: Any, tokenizer: Any, nsamples: int, seqlen: int, 
         )
     texts = load_texts(dataset)
     stream = _tokenize_stream(texts, tokenizer)
-    n_windows = stream.numel() // seqlen
-    needed = nsamples * seqlen
-    logger.info(
-        "calibration: %d texts -> %d tokens -> %d windows of %d tokens",
-        len(texts), stream.numel(), n_windows, seqlen,
-    )
-    if n_windows < nsamples:
-        raise ValueError(
-            f"not enough calibration text: {stream.numel()} tokens available, "
-            f"{needed} tokens needed (nsamples={nsamples} x seqlen={seqlen}); "
-            "pass more text, or lower nsamples/seqlen"
-        )
-    windows = stream[: n_windows * seqlen].view(n_windows, seqlen)
+    windows = token_windows(stream, seqlen, nsamples, "calibration", "nsamples")
+    n_windows = len(windows)
+    logger.info("calibration: %d texts -> %d tokens -> %d windows of %d tokens", len(texts), stream.numel(), n_windows, seqlen)
     g = torch.Generator().manual_seed(seed)
     pick = torch.randperm(n_windows, generator=g)[:nsamples].sort().values
     return windows[pick].clone()

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .calibration import token_windows
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["heldout_windows", "perplexity", "tokens_per_second"]
@@ -35,14 +37,8 @@ def heldout_windows(
     # verbose=False: the joined text is far longer than model_max_length on purpose.
     ids = tokenizer(joined, add_special_tokens=False, verbose=False)["input_ids"]
     stream = torch.as_tensor(ids, dtype=torch.long)
-    total = stream.numel() // seqlen
-    if total < n_windows:
-        raise ValueError(
-            f"not enough held-out text: {stream.numel()} tokens make {total} windows of "
-            f"{seqlen} tokens, but n_windows={n_windows} are needed ({n_windows * seqlen} tokens); "
-            "pass more text, or lower n_windows/seqlen"
-        )
-    windows = stream[: total * seqlen].view(total, seqlen)
+    windows = token_windows(stream, seqlen, n_windows, "held-out", "n_windows")
+    total = len(windows)
     # float64 so the rounding is not disturbed by float32 error on long streams.
     idx = torch.linspace(0, total - 1, n_windows, dtype=torch.float64).round().long()
     logger.info("held-out: %d tokens, %d windows, using %d", stream.numel(), total, n_windows)
