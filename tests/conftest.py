@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from transformers import PreTrainedTokenizerFast
 
 from tests.tiny import ARCHS, make_corpus, make_tokenizer, tiny_llama
 
