@@ -8,8 +8,9 @@ in ``[0, 2**bits - 1]`` and dequantize as ``s * (q - z)``; the symmetric quantiz
 implicit zero point ``z = 2**(bits - 1)`` and a signed scale, so its largest-magnitude
 element lands on code 0 ("full range", ``-maxq``).
 
-Rounding uses the straight-through estimator so the same functions serve tuning (where
-``v``, ``alpha`` and ``beta`` carry gradients) and freezing.
+Tuning goes through :func:`fake_quantize` / :func:`fake_quantize_grouped`, whose rounding
+passes gradients straight through to ``v``, ``alpha`` and ``beta``; freezing goes through
+:func:`quantize_rtn`, which computes the same codes without gradients.
 """
 
 from __future__ import annotations
@@ -41,11 +42,6 @@ class QuantSpec:
 
     def group_len(self, in_features: int) -> int:
         return in_features if self.group_size == -1 else self.group_size
-
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round to nearest in the forward pass, identity in the backward pass."""
-    return x + (torch.round(x) - x).detach()
 
 
 def grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -137,19 +133,13 @@ def _through_dtype(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def quantize_codes(
     w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec, v: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Integer codes ``clamp(round(w/s + v) + z, 0, maxq)`` as float32 (STE rounding), shape (N, K)."""
+    """Integer codes ``clamp(round(w/s + v) + z, 0, maxq)`` as float32, shape (N, K)."""
     wg = grouped(w.float(), spec)
     x = wg / s.unsqueeze(-1)
     if v is not None:
         x = x + grouped(v, spec)
-    q = torch.clamp(round_ste(x) + z.unsqueeze(-1), 0, spec.maxq)
+    q = torch.clamp(torch.round(x) + z.unsqueeze(-1), 0, spec.maxq)
     return ungrouped(q, w.shape[1])
-
-
-def dequantize_codes(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """``s * (q - z)`` per group, float32, shape (N, K)."""
-    qg = grouped(q.float(), spec)
-    return ungrouped((qg - z.unsqueeze(-1)) * s.unsqueeze(-1), q.shape[1])
 
 
 class _FakeQuantSTE(torch.autograd.Function):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .qfunc import QuantSpec, grouped, scale_zero_grouped
+from .qfunc import QuantSpec, fake_quantize_grouped, grouped, scale_zero_grouped
 
 IMPORTANCE_EPS = 1e-5
 
@@ -40,9 +40,7 @@ def weighted_error(
 ) -> torch.Tensor:
     """``Σ_j imp_j (Q(W_gj) − W_gj)²`` per group (N, G) for range factors ``factor`` (N, G)."""
     s, z = scale_zero_grouped(wg, spec, factor, factor, scale_dtype)
-    s, z = s.unsqueeze(-1), z.unsqueeze(-1)
-    q = torch.clamp(torch.round(wg / s) + z, 0, spec.maxq)
-    return (((q - z) * s - wg).square() * imp).sum(-1)
+    return ((fake_quantize_grouped(wg, spec, s, z) - wg).square() * imp).sum(-1)
 
 
 @torch.no_grad()
