@@ -305,11 +305,15 @@ def _rows_from_ids(dataset: Any, nsamples: int, seqlen: int, seed: int) -> torch
             f"{len(eligible)} of {len(dataset)} rows qualify: pass more/longer rows, "
             "or lower nsamples/seqlen"
         )
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(eligible), generator=g)[:nsamples].sort().values
+    pick = _seeded_pick(len(eligible), nsamples, seed)
     out = torch.stack([rows[eligible[int(k)]][:seqlen] for k in pick])
     logger.info("calibration: picked %d of %d token-id rows (seqlen %d)", nsamples, len(eligible), seqlen)
     return out.contiguous()
+
+
+def _seeded_pick(n: int, k: int, seed: int) -> torch.Tensor:
+    """``k`` distinct indices of ``range(n)`` chosen by ``seed``, in ascending order."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].sort().values
 
 
 def _tokenize_stream(texts: Sequence[str], tokenizer: Any) -> torch.Tensor:
@@ -366,6 +370,4 @@ def build_calibration(dataset: Any, tokenizer: Any, nsamples: int, seqlen: int, 
     windows = token_windows(stream, seqlen, nsamples, "calibration", "nsamples")
     n_windows = len(windows)
     logger.info("calibration: %d texts -> %d tokens -> %d windows of %d tokens", len(texts), stream.numel(), n_windows, seqlen)
-    g = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(n_windows, generator=g)[:nsamples].sort().values
-    return windows[pick].clone()
+    return windows[_seeded_pick(n_windows, nsamples, seed)].clone()
