@@ -1,0 +1,80 @@
+"""The GPTQ export read by an independent loader: auto-round (PyPI, CPU), through transformers.
+
+* symmetric checkpoints, 2/3/4/8 bits with a mixed-bit override: the whole model loads with
+  auto-round's pure-torch GPTQ kernel (float16) and its logits match ours to fp16 tolerance;
+* asymmetric layers, 2/3/4/8 bits, zero points of 0 included: auto-round's torch GPTQ layer
+  decodes our tensors to bit-identical outputs;
+* asymmetric checkpoints: with ``auto-round-lib`` (x86-64 Linux) the whole model loads with its
+  CPU kernel in float32 and reproduces our logits exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_signround import SignRoundV2Config
+from hf_signround.export import export_gptq
+from hf_signround.export.gptq import gptq_layer_tensors
+from tests.test_export_gptq import random_layer
+
+pytest.importorskip("auto_round", reason="the independent GPTQ loader comes from auto-round (pip install -e '.[test]')")
+from transformers import AutoRoundConfig
+
+IDS = torch.tensor([[1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+DOWN8 = {"model.layers.0.mlp.down_proj": {"bits": 8, "group_size": -1, "sym": True}}
+
+
+def quantized(llama_dir, bits, sym):
+    cfg = SignRoundV2Config(bits=bits, group_size=32, sym=sym, iters=0, layer_config=DOWN8)
+    return AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=cfg)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+def load_with_auto_round(path, backend, **kw):
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=AutoRoundConfig(backend=backend),
+                                                device_map="cpu", **kw)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_auto_round_serves_symmetric_export(llama_dir, tmp_path, bits):
+    ours = quantized(llama_dir, bits, sym=True)
+    export_gptq(ours, tmp_path)
+    theirs = load_with_auto_round(tmp_path, "auto_round:torch_zp")
+    down = theirs.model.layers[0].mlp.down_proj
+    assert type(down).__module__.startswith("auto_round_extension") and down.bits == 8  # the dynamic override
+    assert theirs.model.layers[0].mlp.up_proj.bits == bits
+    ref, out = logits(ours), logits(theirs)
+    # auto-round computes in float16: allow its rounding, nothing more
+    assert (out - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_auto_round_decodes_asymmetric_layers_exactly(bits):
+    from auto_round_extension.torch.qlinear_torch_zp import (
+        QuantLinear as AutoRoundGPTQLinear,
+    )
+
+    layer = random_layer(bits, 32, sym=False, seed=bits)  # has zero points of 0
+    tensors, spec = gptq_layer_tensors(layer)
+    assert spec["mirrored"] > 0
+    theirs = AutoRoundGPTQLinear(bits, spec["group_size"], layer.in_features, layer.out_features, bias=True)
+    theirs.load_state_dict({k: v for k, v in tensors.items() if k != "g_idx"})  # g_idx is implied (no act-order)
+    eye = torch.eye(layer.in_features, dtype=torch.float16)
+    expected = layer.dequantize_weight(torch.float16).T + layer.bias.half()
+    assert torch.equal(theirs(eye), expected)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_auto_round_kernel_serves_asymmetric_export_exactly(llama_dir, tmp_path, bits):
+    pytest.importorskip("auto_round_kernel", reason="auto-round-lib (x86-64 Linux wheels) runs asymmetric GPTQ on CPU")
+    ours = quantized(llama_dir, bits, sym=False)
+    export_gptq(ours, tmp_path)
+    theirs = load_with_auto_round(tmp_path, "auto", dtype=torch.float32)
+    assert theirs.model.layers[0].mlp.down_proj.bits == 8
+    assert torch.equal(logits(theirs), logits(ours))
