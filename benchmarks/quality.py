@@ -14,7 +14,10 @@ Rows: `fp`; `rtn-<scheme>` (round-to-nearest); `ours-<scheme>` (tuned); ablation
 `ours-<scheme>-noscale` (no pre-tuning scale search) and `ours-<scheme>-notopk` (no top-k
 exclusion); `ar-<scheme>` and `arv2-<scheme>` (auto-round's SignRound and its
 SignRoundV2 `enable_alg_ext`, when `auto-round` is installed). A scheme is
-`W<bits>G<group>-<sym|asym>`. Results are merged into the JSON file row by row, so an
+`W<bits>G<group>-<sym|asym>`. Mixed precision (issue 4): `ours-A<avg>-<options>-<sym|asym>`
+with options such as `W2G64+W4G128` allocates bits by DeltaLoss (16 x 256 scoring windows
+from the calibration text) and dynamic programming under the `avg` budget, then tunes;
+the `-proxy` ablation allocates by the weight-only proxy ||W - Q(W)||^2 instead. Results are merged into the JSON file row by row, so an
 interrupted run keeps what it finished.
 """
 
@@ -42,29 +45,40 @@ DEFAULT_ROWS = (
     + [f"ours-{s}" for s in SCHEMES]
     + ["ours-W4G128-sym-noscale", "ours-W2G64-sym-noscale", "ours-W2G64-sym-notopk"]
     + [f"{peer}-{s}" for peer in ("ar", "arv2") for s in ("W4G128-sym", "W3G128-sym", "W2G64-sym")]
+    + [f"ours-A{avg}-{opts}-sym{abl}" for avg in ("3.0", "2.5") for opts, abl in
+       (("W2G64+W4G128", ""), ("W2G64+W4G128", "-proxy"), ("W2G64+W3G128+W4G128", ""))]
 )
-ROW = re.compile(r"^(fp|rtn|ours|ar|arv2)(?:-W(\d)G(-?\d+)-(sym|asym))?(?:-(noscale|notopk))?$")
+ROW = re.compile(r"^(fp|rtn|ours|ar|arv2)(?:-A(\d+(?:\.\d+)?))?(?:-(W\dG-?\d+(?:\+W\dG-?\d+)*)-(sym|asym))?"
+                 r"(?:-(noscale|notopk|proxy))?$")
+OPTION = re.compile(r"W(\d)G(-?\d+)")
 ITERS, NSAMPLES, SEQLEN, BATCH, SEED = 50, 32, 256, 8, 42
+SCORING_NSAMPLES, SCORING_SEQLEN = 16, 256
 
 
 def parse(row: str) -> dict:
     m = ROW.match(row)
-    if not m or (m.group(1) != "fp" and m.group(2) is None):
+    if not m or (m.group(1) != "fp" and m.group(3) is None):
         raise SystemExit(f"unknown row {row!r}; see --list")
-    kind, bits, group, sym, ablation = m.groups()
-    return {"kind": kind, "bits": int(bits or 16), "group_size": int(group or 0), "sym": sym == "sym",
-            "ablation": ablation}
+    kind, avg, options, sym, ablation = m.groups()
+    options = [(int(b), int(g)) for b, g in OPTION.findall(options)] if options else [(16, 0)]
+    if (avg is None) != (len(options) == 1) or (avg is not None and kind != "ours"):
+        raise SystemExit(f"row {row!r}: one scheme without A<avg>, or ours-A<avg> with several options")
+    return {"kind": kind, "bits": options[0][0], "group_size": options[0][1], "sym": sym == "sym",
+            "ablation": ablation, "avg_bits": None if avg is None else float(avg), "options": options}
 
 
-def run_ours(model, spec: dict, calib: torch.Tensor) -> float:
+def run_ours(model, spec: dict, calib: torch.Tensor, scoring: torch.Tensor) -> tuple[float, SignRoundV2Config]:
     cfg = SignRoundV2Config(
         bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"],
         iters=0 if spec["kind"] == "rtn" else ITERS, nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=BATCH, seed=SEED,
         scale_search=spec["ablation"] != "noscale", topk_exclusion=False if spec["ablation"] == "notopk" else None,
+        avg_bits=spec["avg_bits"], bit_options=spec["options"] if spec["avg_bits"] else None,
+        sensitivity_method="weight_error" if spec["ablation"] == "proxy" else "deltaloss",
+        sensitivity_nsamples=SCORING_NSAMPLES, sensitivity_seqlen=SCORING_SEQLEN,
     )
     start = time.perf_counter()
-    quantize_model(model, cfg, calib if cfg.needs_calibration else None, skip=["lm_head"])
-    return time.perf_counter() - start
+    quantize_model(model, cfg, calib if cfg.tunes else None, skip=["lm_head"], scoring=scoring)
+    return time.perf_counter() - start, cfg
 
 
 def run_autoround(model, tok, spec: dict, calib: torch.Tensor):
@@ -79,6 +93,16 @@ def run_autoround(model, tok, spec: dict, calib: torch.Tensor):
     qmodel, _ = ar.quantize()
     seconds = time.perf_counter() - start
     return qmodel.float(), seconds
+
+
+def _histogram(cfg: SignRoundV2Config) -> dict[str, int]:
+    """How many weights each option got."""
+    out: dict[str, int] = {}
+    for name, spec in cfg.allocation.specs.items():
+        n, k = cfg.allocation.shapes[name]
+        key = f"W{spec.bits}G{spec.group_size}"
+        out[key] = out.get(key, 0) + n * k
+    return out
 
 
 def main() -> None:
@@ -98,6 +122,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     windows = heldout_windows(tok, heldout_texts(), n_windows=args.eval_windows, seqlen=512)
     calib = build_calibration(calibration_texts(), tok, NSAMPLES, SEQLEN, SEED)
+    scoring = build_calibration(calibration_texts(), tok, SCORING_NSAMPLES, SCORING_SEQLEN, SEED)
 
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,9 +135,9 @@ def main() -> None:
                 continue
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        seconds = None
+        seconds, cfg = None, None
         if spec["kind"] in ("rtn", "ours"):
-            seconds = run_ours(model, spec, calib)
+            seconds, cfg = run_ours(model, spec, calib, scoring)
         elif spec["kind"] in ("ar", "arv2"):
             model, seconds = run_autoround(model, tok, spec, calib)
         ppl = perplexity(model, windows)
@@ -120,6 +145,10 @@ def main() -> None:
                         "iters": ITERS if spec["kind"] not in ("fp", "rtn") else 0, "nsamples": NSAMPLES,
                         "seqlen": SEQLEN, "batch_size": BATCH, "eval_windows": args.eval_windows,
                         "torch_threads": torch.get_num_threads()}
+        if cfg is not None and cfg.allocation is not None:
+            results[row]["realized_avg_bits"] = cfg.realized_avg_bits
+            results[row]["bits_histogram"] = _histogram(cfg)
+            cfg.allocation.to_json(args.out.parent / f"allocation-{row}.json")
         args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         print(f"{row:<28} ppl {ppl:9.3f}   seconds {seconds if seconds is None else round(seconds, 1)}", flush=True)
         del model

@@ -21,9 +21,11 @@ QUANT_METHOD = "signround_v2"
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
+SENSITIVITY_METHODS = ("deltaloss", "weight_error")
+DEFAULT_BIT_OPTIONS = ((2, 64), (3, 128), (4, 128), (8, 128))
 _LAYER_KEYS = ("bits", "group_size", "sym")
 # Keys written by `to_dict` that are bookkeeping rather than constructor knobs.
-_RUNTIME_ONLY = ("dataset", "tokenizer")
+_RUNTIME_ONLY = ("dataset", "tokenizer", "allocation")
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
@@ -45,6 +47,19 @@ def check_group_size(value: Any, where: str = "group_size") -> None:
             f"{where}={value!r} is not valid: use a positive int (e.g. 32, 64, 128), "
             "or -1 for one group per output channel"
         )
+
+
+def _as_pairs(options: Any) -> list[tuple[int, int]] | None:
+    """``bit_options`` as a list of int pairs (config.json stores them as lists)."""
+    if options is None:
+        return None
+    try:
+        pairs = [tuple(o) for o in options]
+    except TypeError as err:
+        raise TypeError(f"bit_options must be a list of (bits, group_size) pairs, got {options!r}") from err
+    if any(len(p) != 2 for p in pairs):
+        raise ValueError(f"bit_options must be a list of (bits, group_size) pairs, got {options!r}")
+    return pairs
 
 
 class SignRoundV2Config(QuantizationConfigMixin):
@@ -85,6 +100,25 @@ class SignRoundV2Config(QuantizationConfigMixin):
         topk_ratio: fraction of errors excluded (default 0.1 %).
         scale_dtype: storage dtype of the per-group scales.
         format_version: packed checkpoint layout version (see ``packing.py``).
+        avg_bits: target average bits per quantized weight, counting the per-group scales and
+            zero points (spec §2). When set, every layer not pinned by ``layer_config`` gets one
+            of ``bit_options`` by dynamic programming on its sensitivity; the realised average
+            is never above the target. None keeps one ``bits``/``group_size`` for all layers.
+        bit_options: candidate ``(bits, group_size)`` pairs for ``avg_bits``; ``sym`` comes from
+            the config. None means ``[(2, 64), (3, 128), (4, 128), (8, 128)]``.
+        sensitivity_method: how layers are scored for ``avg_bits``: ``"deltaloss"`` (spec §1, one
+            forward+backward per option on calibration windows) or ``"weight_error"``
+            (``‖W - Q(W)‖²``, no data; a baseline).
+        sensitivity_nsamples: calibration windows the DeltaLoss scoring runs on.
+        sensitivity_seqlen: tokens per scoring window.
+        tie_fused: give layers that read the same input (q/k/v of one attention, gate/up of one
+            MLP, which serving engines fuse into one matrix) one option, priced and scored together.
+        realized_avg_bits: written by quantization when ``avg_bits`` is set: the average the
+            checkpoint really has.
+
+    After a quantization with ``avg_bits``, ``config.allocation`` holds the report
+    (:class:`hf_signround.allocation.Allocation`: per-layer scores and chosen bits, with
+    ``table()``, ``to_json()`` and ``plot()``); it is not serialised.
     """
 
     def __init__(
@@ -109,6 +143,13 @@ class SignRoundV2Config(QuantizationConfigMixin):
         topk_ratio: float = 0.001,
         scale_dtype: str = "float16",
         format_version: int = FORMAT_VERSION,
+        avg_bits: float | None = None,
+        bit_options: list[tuple[int, int]] | None = None,
+        sensitivity_method: str = "deltaloss",
+        sensitivity_nsamples: int = 16,
+        sensitivity_seqlen: int = 256,
+        tie_fused: bool = True,
+        realized_avg_bits: float | None = None,
         **kwargs: Any,
     ) -> None:
         quant_method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -135,6 +176,14 @@ class SignRoundV2Config(QuantizationConfigMixin):
         self.topk_ratio = topk_ratio
         self.scale_dtype = scale_dtype
         self.format_version = format_version
+        self.avg_bits = avg_bits
+        self.bit_options = _as_pairs(bit_options)
+        self.sensitivity_method = sensitivity_method
+        self.sensitivity_nsamples = sensitivity_nsamples
+        self.sensitivity_seqlen = sensitivity_seqlen
+        self.tie_fused = tie_fused
+        self.realized_avg_bits = realized_avg_bits
+        self.allocation = None  # the per-layer report of the bit allocation (runtime only, never saved)
         if kwargs:
             logger.warning("SignRoundV2Config ignores unknown keys: %s", ", ".join(sorted(kwargs)))
         self.post_init()
@@ -188,12 +237,51 @@ class SignRoundV2Config(QuantizationConfigMixin):
                 check_group_size(spec["group_size"], where=f"layer_config[{name!r}]['group_size']")
             if "sym" in spec and not isinstance(spec["sym"], bool):
                 raise TypeError(f"layer_config[{name!r}]['sym'] must be True or False, got {spec['sym']!r}")
+        self._check_allocation()
         check_dataset_spec(self.dataset)
+
+    def _check_allocation(self) -> None:
+        if self.avg_bits is not None and (
+            isinstance(self.avg_bits, bool) or not isinstance(self.avg_bits, (int, float)) or not 1 < self.avg_bits < 32
+        ):
+            raise ValueError(f"avg_bits={self.avg_bits!r} must be a number of bits per weight such as 2.5 or 3.0, or None")
+        if self.bit_options is not None:
+            if not self.bit_options:
+                raise ValueError("bit_options is empty: give (bits, group_size) pairs such as [(2, 64), (4, 128)], or None")
+            for i, (bits, group) in enumerate(self.bit_options):
+                check_bits(bits, where=f"bit_options[{i}] bits")
+                check_group_size(group, where=f"bit_options[{i}] group_size")
+            if len(set(self.bit_options)) != len(self.bit_options):
+                raise ValueError(f"bit_options={self.bit_options} lists an option twice")
+        if self.sensitivity_method not in SENSITIVITY_METHODS:
+            raise ValueError(
+                f"sensitivity_method={self.sensitivity_method!r} is not supported: choose one of "
+                f"{', '.join(SENSITIVITY_METHODS)}"
+            )
+        _check_int("sensitivity_nsamples", self.sensitivity_nsamples, minimum=1)
+        _check_int("sensitivity_seqlen", self.sensitivity_seqlen, minimum=2)
+        if not isinstance(self.tie_fused, bool):
+            raise TypeError(f"tie_fused must be True or False, got {self.tie_fused!r}")
+
+    @property
+    def tunes(self) -> bool:
+        """Whether blocks are tuned (``iters > 0``) rather than rounded to nearest."""
+        return self.iters > 0
+
+    @property
+    def scores_on_data(self) -> bool:
+        """Whether the bit allocation runs DeltaLoss on calibration windows."""
+        return self.avg_bits is not None and self.sensitivity_method == "deltaloss"
 
     @property
     def needs_calibration(self) -> bool:
         """Whether quantizing with this config reads calibration data."""
-        return self.iters > 0
+        return self.tunes or self.scores_on_data
+
+    @property
+    def options(self) -> list[tuple[int, int]]:
+        """The ``(bits, group_size)`` candidates of the bit allocation."""
+        return list(self.bit_options) if self.bit_options is not None else list(DEFAULT_BIT_OPTIONS)
 
     @property
     def compute_device(self):

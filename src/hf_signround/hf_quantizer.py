@@ -42,10 +42,13 @@ class SignRoundV2HfQuantizer(HfQuantizer):
             return
         if config.needs_calibration:
             if config.dataset is None:
+                why = (f"iters={config.iters} tunes on calibration data" if config.tunes
+                       else f"avg_bits={config.avg_bits} scores layers by DeltaLoss on calibration data")
+                fix = ("or iters=0 for round-to-nearest" if config.tunes
+                       else "or sensitivity_method='weight_error' for a data-free allocation")
                 raise ValueError(
-                    f"iters={config.iters} tunes on calibration data: pass dataset= (a list of texts, a text file or "
-                    "folder, a datasets.Dataset or a hub dataset name) and tokenizer= to SignRoundV2Config, "
-                    "or iters=0 for round-to-nearest"
+                    f"{why}: pass dataset= (a list of texts, a text file or folder, a datasets.Dataset or a hub "
+                    f"dataset name) and tokenizer= to SignRoundV2Config, {fix}"
                 )
             if config.tokenizer is None and not is_token_ids(config.dataset):
                 raise ValueError(
@@ -67,10 +70,13 @@ class SignRoundV2HfQuantizer(HfQuantizer):
         skip = self.get_modules_to_not_convert(
             model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
         )
-        calibration = None
-        if config.needs_calibration:
+        calibration = scoring = None
+        if config.tunes:
             calibration = build_calibration(config.dataset, config.tokenizer, config.nsamples, config.seqlen, config.seed)
-        quantize_model(model, config, calibration, skip=skip)
+        if config.scores_on_data:
+            scoring = build_calibration(config.dataset, config.tokenizer, config.sensitivity_nsamples,
+                                        config.sensitivity_seqlen, config.seed)
+        quantize_model(model, config, calibration, skip=skip, scoring=scoring)
         return model
 
     def is_serializable(self, safe_serialization: Any = None) -> bool:

@@ -18,7 +18,9 @@ from .blocks import block_on, capture_block_inputs, find_blocks, quantizable_lay
 from .config import SignRoundV2Config
 from .qfunc import QuantSpec, quantize_rtn
 from .qlinear import QuantLinear
+from .allocation import allocate, check_budget
 from .scale_search import search_factors
+from .sensitivity import delta_loss_scores, shared_input_groups, weight_error_scores
 from .tuning import BlockCall, TunableLinear, TuneSettings, fast_bf16, mse_and_outputs, tune_block
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ def quantize_model(
     config: SignRoundV2Config,
     calibration: torch.Tensor | None = None,
     skip: list[str] | tuple[str, ...] = (),
+    scoring: torch.Tensor | None = None,
 ) -> dict[str, BlockReport]:
     """Quantize every eligible Linear of ``model``'s decoder blocks in place.
 
@@ -67,20 +70,29 @@ def quantize_model(
             quantized layer, so a saved checkpoint says exactly what it holds.
         calibration: token windows (nsamples, seqlen); needed when ``config.iters > 0``.
         skip: module names kept in full precision besides ``config.modules_to_not_convert``.
+        scoring: token windows for the DeltaLoss scoring when ``config.avg_bits`` is set;
+            None takes the first ``sensitivity_nsamples`` calibration windows, cut to
+            ``sensitivity_seqlen`` tokens.
+
+    With ``config.avg_bits`` the layers not pinned by ``layer_config`` get their bits from
+    the allocation first (spec §1-2); ``config.realized_avg_bits`` and ``config.allocation``
+    (the per-layer report) are set.
 
     Returns a report per block (its layers' specs and, when tuned, the reconstruction
     loss before and after tuning).
     """
     plan = plan_layers(model, config, skip)
-    if config.needs_calibration and calibration is None:
+    if config.tunes and calibration is None:
         raise ValueError(f"iters={config.iters} tunes on calibration data: pass dataset= (and tokenizer=) in the config")
+    if config.avg_bits is not None:
+        plan = _allocate(model, plan, config, scoring if scoring is not None else _scoring_from(calibration, config))
     prefix, blocks = find_blocks(model)
     per_block: dict[int, dict[str, QuantSpec]] = defaultdict(dict)
     for name, spec in plan.items():
         index, _, rel = name[len(prefix) + 1 :].partition(".")
         per_block[int(index)][rel] = spec
 
-    if config.needs_calibration:
+    if config.tunes:
         reports = _tune_blocks(model, blocks, per_block, config, calibration)
     else:
         reports = _round_blocks(blocks, per_block, config)
@@ -89,6 +101,50 @@ def quantize_model(
     }
     logger.info("quantized %d layers in %d blocks", len(plan), len(blocks))
     return {f"{prefix}.{i}": report for i, report in reports.items()}
+
+
+def _scoring_from(calibration: torch.Tensor | None, config: SignRoundV2Config) -> torch.Tensor | None:
+    if calibration is None:
+        return None
+    return calibration[: config.sensitivity_nsamples, : config.sensitivity_seqlen]
+
+
+def _allocate(model: nn.Module, plan: dict[str, QuantSpec], config: SignRoundV2Config,
+              scoring: torch.Tensor | None) -> dict[str, QuantSpec]:
+    """Spec §1-2: score the layers the user did not pin, then choose their options by DP."""
+    pinned = {name: spec for name, spec in plan.items()
+              if {"bits", "group_size"} & set(config.layer_config.get(name, {}))}
+    layers = {name: model.get_submodule(name) for name in plan if name not in pinned}
+    if not layers:
+        raise ValueError("avg_bits is set but layer_config pins every layer: nothing is left to allocate")
+    shapes = {name: _shape(model.get_submodule(name)) for name in plan}
+    options = [QuantSpec(bits, group, config.sym) for bits, group in config.options]
+    scale_dtype = getattr(torch, config.scale_dtype)
+    scale_bits = torch.finfo(scale_dtype).bits
+    units = ([[n for n in group if n in layers] for group in shared_input_groups(model, layers)]
+             if config.tie_fused else [[n] for n in layers])
+    units = [u for u in units if u]
+    # Costs depend on shapes only: an impossible target fails before any scoring work.
+    check_budget(shapes, units, options, config.avg_bits, scale_bits, pinned)
+    if config.sensitivity_method == "weight_error":
+        scores = weight_error_scores(layers, options, scale_dtype)
+    else:
+        if scoring is None:
+            raise ValueError(
+                "avg_bits with sensitivity_method='deltaloss' scores layers on calibration data: pass dataset= "
+                "(and tokenizer=) in the config, or sensitivity_method='weight_error' for a data-free allocation"
+            )
+        scores = delta_loss_scores(model, layers, options, scoring, batch_size=config.batch_size,
+                                   scale_dtype=scale_dtype, device=config.compute_device)
+    alloc = allocate(shapes, scores, units, options, config.avg_bits, scale_bits, pinned, config.sensitivity_method)
+    logger.info("sensitivity and chosen bits:\n%s", alloc.table())
+    config.realized_avg_bits = round(alloc.realized, 6)
+    config.allocation = alloc
+    return alloc.specs
+
+
+def _shape(layer: nn.Module) -> tuple[int, int]:
+    return layer.out_features, layer.in_features
 
 
 @dataclass

@@ -1,0 +1,260 @@
+"""DeltaLoss: how much quantizing each layer at each option would raise the LM loss (spec §1).
+
+``score(layer, option) = Σ_batches Σ | ∂L/∂Q(W) ⊙ (W − Q(W)) |`` where every eligible layer
+is quantized by round-to-nearest at the option, ``L`` is the causal-LM cross-entropy of the
+scoring windows (``labels = input_ids``) and ``Q(W)`` is the dequantized weight the forward
+pass actually uses. One forward and one backward per option.
+
+Two ways to run it, with the same numbers:
+
+* whole model (``_score_whole_model``): one forward+backward per batch with every ``Q(W)`` a
+  leaf tensor; each leaf's gradient is turned into its score and dropped as soon as it is
+  accumulated, so the model's weight gradients are never all held at once;
+* block by block (``_score_by_blocks``), for models offloaded with accelerate or bigger than
+  the compute device: a forward through the blocks (one block resident at a time) keeps each
+  block's input, the head (final norm, lm_head, loss) gives the gradient of the last hidden
+  state, and a backward sweep recomputes one block at a time from its saved input and
+  passes the input gradient down. Peak memory: one block plus the saved hidden states.
+
+A weight-only proxy ``‖W − Q(W)‖²`` (no data) is here too, as the baseline allocator the
+benchmark compares against.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .blocks import block_on, capture_block_inputs, find_blocks, to_device
+from .qfunc import QuantSpec, fake_quantize
+from .tuning import BlockCall
+
+logger = logging.getLogger(__name__)
+
+Scores = dict[str, list[float]]  # layer name -> one score per option
+
+
+def weight_error_scores(layers: dict[str, nn.Linear], options: list[QuantSpec], scale_dtype: torch.dtype) -> Scores:
+    """The data-free proxy: ``‖W − Q(W)‖²`` per layer and option (round-to-nearest)."""
+    scores: Scores = {}
+    for name, layer in layers.items():
+        w = layer.weight.detach().float()
+        scores[name] = [float((w - fake_quantize(w, spec, scale_dtype=scale_dtype)).square().sum()) for spec in options]
+    return scores
+
+
+def delta_loss_scores(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    options: list[QuantSpec],
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int,
+    scale_dtype: torch.dtype,
+    device: torch.device,
+    by_blocks: bool | None = None,
+) -> Scores:
+    """DeltaLoss of every layer in ``layers`` (full names in ``model``) at every option.
+
+    Args:
+        input_ids: scoring windows (n, seqlen); batches of ``batch_size`` windows.
+        by_blocks: force the block-by-block path (True) or the whole-model path (False);
+            None picks the whole model when it already sits on ``device`` un-offloaded.
+    """
+    if by_blocks is None:
+        by_blocks = not _resident_on(model, device)
+    scores: Scores = {name: [0.0] * len(options) for name in layers}
+    batches = [input_ids[i : i + batch_size] for i in range(0, len(input_ids), batch_size)]
+    grad_flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    try:
+        with torch.enable_grad():
+            for o, spec in enumerate(tqdm(options, desc="DeltaLoss", unit="option")):
+                score = _score_by_blocks if by_blocks else _score_whole_model
+                score(model, layers, spec, batches, scale_dtype, device, _adder(scores, o))
+                logger.info("DeltaLoss W%dG%d: total %.4g", spec.bits, spec.group_size, sum(s[o] for s in scores.values()))
+    finally:
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+    return scores
+
+
+def _adder(scores: Scores, o: int) -> Callable[[str, float], None]:
+    def add(name: str, value: float) -> None:
+        scores[name][o] += value
+    return add
+
+
+def _resident_on(model: nn.Module, device: torch.device) -> bool:
+    from accelerate.utils import has_offloaded_params
+
+    if any(has_offloaded_params(m) for m in model.modules()):
+        return False
+    return all(_same_device(p.device, device) for p in model.parameters())
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+@contextmanager
+def _quantized_leaves(layers: dict[str, nn.Linear], spec: QuantSpec, scale_dtype: torch.dtype,
+                      add: Callable[[str, float], None]) -> Iterator[None]:
+    """Swap each layer's weight for ``Q(W)`` as a leaf that needs a gradient; every time a
+    gradient lands on it, add ``Σ|g ⊙ (W − Q(W))|`` to the layer's score and drop the gradient."""
+    originals = {}
+    try:
+        for name, layer in layers.items():
+            w = layer.weight
+            originals[name] = w
+            q = nn.Parameter(fake_quantize(w.detach(), spec, scale_dtype=scale_dtype).to(w.dtype), requires_grad=True)
+            q.register_post_accumulate_grad_hook(_scorer(name, w, add))
+            layer.weight = q
+        yield
+    finally:
+        for name, w in originals.items():
+            layers[name].weight = w
+
+
+def _scorer(name: str, w: torch.Tensor, add: Callable[[str, float], None]):
+    def hook(q: torch.Tensor) -> None:
+        add(name, float((q.grad.float() * (w.detach().float() - q.detach().float())).abs().sum()))
+        q.grad = None
+    return hook
+
+
+def _score_whole_model(model, layers, spec, batches, scale_dtype, device, add) -> None:
+    with _quantized_leaves(layers, spec, scale_dtype, add):
+        for batch in batches:
+            batch = batch.to(device)
+            model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+
+
+def _score_by_blocks(model, layers, spec, batches, scale_dtype, device, add) -> None:
+    prefix, blocks = find_blocks(model)
+    per_block: dict[int, dict[str, nn.Linear]] = {}
+    for name, layer in layers.items():
+        per_block.setdefault(int(name[len(prefix) + 1 :].split(".", 1)[0]), {})[name] = layer
+    ids = torch.cat(batches)
+    sizes = [len(b) for b in batches]
+    hidden, args, kwargs = capture_block_inputs(model, blocks, ids)
+    call = BlockCall(*to_device((args, kwargs), device))
+    hidden = hidden.to(device)
+
+    # Forward: keep every block's input; quantized weights, no graph.
+    inputs, tuple_out = [], False
+    with torch.no_grad():
+        for index, block in enumerate(blocks):
+            inputs.append(hidden)
+            with block_on(block, device), _quantized_leaves(per_block.get(index, {}), spec, scale_dtype, _ignore):
+                if index == len(blocks) - 1:
+                    tuple_out = isinstance(block(hidden[:1], *call.args, **call.kwargs), (tuple, list))
+                hidden = torch.cat([call(block, h) for h in hidden.split(sizes)])
+
+    # Head: the loss of each batch and its gradient w.r.t. the last block's output.
+    grads = [_head_grad(model, blocks, h, batch, tuple_out) for h, batch in zip(hidden.split(sizes), batches)]
+    del hidden
+
+    # Backward, last block first: recompute the block from its saved input, score, pass the gradient down.
+    for index in reversed(range(len(blocks))):
+        with block_on(blocks[index], device) as block, _quantized_leaves(per_block.get(index, {}), spec, scale_dtype, add):
+            new_grads = []
+            for h, g in zip(inputs[index].split(sizes), grads):
+                x = h.detach().requires_grad_(index > 0)
+                call(block, x).backward(g)
+                new_grads.append(x.grad)
+            grads = new_grads
+        inputs[index] = None
+
+
+def _head_grad(model: nn.Module, blocks: nn.ModuleList, last: torch.Tensor, batch: torch.Tensor, tuple_out: bool):
+    """Run the model with every block replaced by one that emits ``last`` (the real last
+    block's output), so only the embeddings and the head compute; return ∂loss/∂last."""
+    leaf = last.detach().requires_grad_()
+    saved = list(blocks)
+    emit = _Emit(leaf, tuple_out)
+    try:
+        for i in range(len(blocks)):
+            blocks[i] = emit
+        batch = batch.to(model.get_input_embeddings().weight.device if not _is_meta(model) else leaf.device)
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    finally:
+        for i, block in enumerate(saved):
+            blocks[i] = block
+    return leaf.grad
+
+
+def _is_meta(model: nn.Module) -> bool:
+    return model.get_input_embeddings().weight.device.type == "meta"
+
+
+class _Emit(nn.Module):
+    """Stands in for a decoder block and returns a fixed hidden state."""
+
+    def __init__(self, hidden: torch.Tensor, as_tuple: bool):
+        super().__init__()
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, *args, **kwargs):
+        return (self.hidden,) if self.as_tuple else self.hidden
+
+
+def _ignore(name: str, value: float) -> None:
+    pass
+
+
+@torch.no_grad()
+def shared_input_groups(model: nn.Module, layers: dict[str, nn.Linear]) -> list[list[str]]:
+    """Layers that read the very same input tensor, in forward order: what serving engines
+    fuse into one matrix (q/k/v of one attention, gate/up of one MLP). Found from one short
+    forward pass of a few token ids, so it holds for any architecture and needs no data."""
+    watcher = _SharedInputs(list(layers))
+    device = model.get_input_embeddings().weight.device
+    ids = torch.zeros(1, 4, dtype=torch.long, device="cpu" if device.type == "meta" else device)
+    with watcher.watch(layers):
+        model(input_ids=ids, use_cache=False)
+    return watcher.groups
+
+
+class _SharedInputs:
+    """Groups consecutive layers that receive the very same input tensor object, the first
+    time each layer runs while watched (q/k/v read one normed hidden state, gate/up another)."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.seen: set[str] = set()
+        self.found: list[list[str]] = []
+
+    @property
+    def groups(self) -> list[list[str]]:
+        # Layers that never ran while watched stay on their own.
+        return self.found + [[n] for n in self.names if n not in self.seen]
+
+    @contextmanager
+    def watch(self, layers: dict[str, nn.Linear]) -> Iterator[None]:
+        last: list = [None, None]  # the previous call's input tensor and layer name
+
+        def hook(name: str):
+            def pre(module, args):
+                x = args[0] if args else None
+                if name not in self.seen:
+                    self.seen.add(name)
+                    joins = x is not None and x is last[0] and self.found and self.found[-1][-1] == last[1]
+                    if joins:
+                        self.found[-1].append(name)
+                    else:
+                        self.found.append([name])
+                last[0], last[1] = x, name
+            return pre
+
+        handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
