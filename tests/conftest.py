@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # The Triton kernel tests run in Triton's CPU interpreter, which must be chosen before
+    # triton is first imported (transformers' imports below pull it in).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 from transformers import PreTrainedTokenizerFast
 

@@ -100,6 +100,9 @@ class SignRoundV2Config(QuantizationConfigMixin):
         topk_ratio: fraction of errors excluded (default 0.1 %).
         scale_dtype: storage dtype of the per-group scales.
         format_version: packed checkpoint layout version (see ``packing.py``).
+        backend: kernels for the quantized layers' forward: ``"auto"`` (fused Triton kernels for
+            CUDA inputs when Triton is installed, else the pure-torch reference), ``"triton"``
+            (raise where they cannot run) or ``"torch"``; ``HF_SIGNROUND_BACKEND`` overrides it.
         avg_bits: target average bits per quantized weight, counting the per-group scales and
             zero points (spec §2). When set, every layer not pinned by ``layer_config`` gets one
             of ``bit_options`` by dynamic programming on its sensitivity; the realised average
@@ -143,6 +146,7 @@ class SignRoundV2Config(QuantizationConfigMixin):
         topk_ratio: float = 0.001,
         scale_dtype: str = "float16",
         format_version: int = FORMAT_VERSION,
+        backend: str = "auto",
         avg_bits: float | None = None,
         bit_options: list[tuple[int, int]] | None = None,
         sensitivity_method: str = "deltaloss",
@@ -176,6 +180,7 @@ class SignRoundV2Config(QuantizationConfigMixin):
         self.topk_ratio = topk_ratio
         self.scale_dtype = scale_dtype
         self.format_version = format_version
+        self.backend = backend
         self.avg_bits = avg_bits
         self.bit_options = _as_pairs(bit_options)
         self.sensitivity_method = sensitivity_method
@@ -218,6 +223,9 @@ class SignRoundV2Config(QuantizationConfigMixin):
             raise ValueError(f"topk_ratio={self.topk_ratio!r} must lie strictly between 0 and 1 (default 0.001)")
         if self.scale_dtype not in SCALE_DTYPES:
             raise ValueError(f"scale_dtype={self.scale_dtype!r} is not supported: choose one of {', '.join(SCALE_DTYPES)}")
+        from .kernels.backend import check_backend
+
+        check_backend(self.backend)
         if self.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"format_version={self.format_version!r}: this hf_signround reads format {FORMAT_VERSION} only; "

@@ -86,6 +86,12 @@ class SignRoundV2HfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return False
 
+    @property
+    def is_compileable(self) -> bool:
+        # QuantLinear compiles without graph breaks (the Triton path is a torch custom op), so
+        # generate() may auto-compile decoding with a static cache.
+        return True
+
 
 def check_checkpoint_tensors(model, checkpoint_files: list[str]) -> None:
     """Every packed tensor the skeleton expects is in the checkpoint with the right shape.

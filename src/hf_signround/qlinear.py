@@ -10,6 +10,10 @@ Parameters (``N = out_features``, ``K = in_features``, ``G`` groups along ``K``)
 
 They are ``nn.Parameter(requires_grad=False)`` rather than buffers because
 accelerate's offloading hooks only manage parameters.
+
+``forward`` dispatches on ``backend`` (``"auto"``, ``"triton"``, ``"torch"``; see
+:mod:`hf_signround.kernels.backend`): the fused Triton kernels for CUDA inputs, the
+pure-torch reference otherwise. ``HF_SIGNROUND_BACKEND`` overrides it.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import torch
 from torch import nn
 
 from hf_signround.kernels import reference
+from hf_signround.kernels.backend import check_backend, quant_linear_op, select_backend
 from hf_signround.packing import (
-    num_groups,
     check_bits,
+    num_groups,
     pack_qweight_kmajor,
     pack_qzeros_nmajor,
     packed_rows,
@@ -30,7 +35,7 @@ from hf_signround.packing import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "set_backend"]
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -51,9 +56,11 @@ class QuantLinear(nn.Module):
         scale_dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
         bias_dtype: torch.dtype | None = None,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         check_bits(bits)
+        self.backend = check_backend(backend)
         if in_features <= 0 or out_features <= 0:
             raise ValueError(
                 f"in_features={in_features} and out_features={out_features} must be positive"
@@ -105,6 +112,7 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None,
         scale_dtype: torch.dtype = torch.float16,
         bias_dtype: torch.dtype | None = None,
+        backend: str = "auto",
     ) -> QuantLinear:
         """Build a packed module from codes ``uint8 (N, K)``, scales ``(N, G)`` and zeros ``(N, G)``.
 
@@ -137,6 +145,7 @@ class QuantLinear(nn.Module):
             scale_dtype=scale_dtype,
             device=codes.device,
             bias_dtype=bias_dtype,
+            backend=backend,
         )
         with torch.no_grad():
             module.qweight.data = pack_qweight_kmajor(codes, bits)
@@ -187,6 +196,10 @@ class QuantLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        backend = select_backend(self.backend, x, self._bits, self._group_size)
+        return _FORWARD[backend](self, x)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         return reference.linear_reference(
             x,
             self.qweight,
@@ -196,6 +209,11 @@ class QuantLinear(nn.Module):
             bits=self._bits,
             group_size=self._group_size,
             in_features=self._in_features,
+        )
+
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        return quant_linear_op(
+            x, self.qweight, self.scales, self.qzeros, self.bias, self._bits, self._group_size, self._in_features
         )
 
     def packed_nbytes(self) -> int:
@@ -212,3 +230,15 @@ class QuantLinear(nn.Module):
             f"bits={self._bits}, group_size={self._group_size}, sym={self._sym}, "
             f"bias={self.bias is not None}"
         )
+
+
+_FORWARD = {"torch": QuantLinear._forward_torch, "triton": QuantLinear._forward_triton}
+
+
+def set_backend(model: nn.Module, backend: str) -> int:
+    """Set ``backend`` (``"auto"``, ``"triton"``, ``"torch"``) on every QuantLinear of ``model``; returns their count."""
+    check_backend(backend)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.backend = backend
+    return len(layers)

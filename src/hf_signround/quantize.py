@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .blocks import block_on, capture_block_inputs, find_blocks, quantizable_layers, set_module, to_device
 from .config import SignRoundV2Config
 from .qfunc import QuantSpec, quantize_rtn
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, set_backend
 from .allocation import allocate, check_budget
 from .scale_search import search_factors
 from .sensitivity import delta_loss_scores, shared_input_groups, weight_error_scores
@@ -99,6 +99,7 @@ def quantize_model(
     config.layer_config = {
         name: {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym} for name, spec in plan.items()
     }
+    set_backend(model, config.backend)
     logger.info("quantized %d layers in %d blocks", len(plan), len(blocks))
     return {f"{prefix}.{i}": report for i, report in reports.items()}
 
@@ -265,5 +266,6 @@ def replace_with_empty_quant_linears(model: nn.Module, config: SignRoundV2Config
             scale_dtype=scale_dtype,
             bias_dtype=layer.weight.dtype,
             device="meta",
+            backend=config.backend,
         )
         set_module(model, name, new)

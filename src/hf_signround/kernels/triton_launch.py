@@ -1,0 +1,205 @@
+"""Launcher for the Triton kernels: checks, kernel choice, config choice, workspace.
+
+``quant_linear`` is what the ``hf_signround::quant_linear`` custom op runs. It validates
+shapes, dtypes and contiguity (errors name the problem and the fix), picks the kernel by
+the number of activation rows (``gemv`` for 1, ``decode`` for 2..16, ``prefill`` above)
+and a launch config from ``triton_kernels.CONFIGS``: on first use of a problem key each
+candidate is timed once and the fastest is kept for the process. Under Triton's CPU
+interpreter, or while a CUDA graph is being captured (timing would synchronise), the first
+candidate that fits is used instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+import triton.testing
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+
+from hf_signround.kernels.backend import triton_interpret
+from hf_signround.kernels.triton_kernels import CONFIGS, gemm_kernel, gemv_kernel
+from hf_signround.packing import SUPPORTED_BITS, num_groups, packed_rows
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TUNED", "kernel_for_rows", "quant_linear", "unsupported_reason"]
+
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
+DECODE_MAX_ROWS = 16
+
+# (kind, rows bucket, N, K, bits, group_size, sym, dtype, device) -> chosen config,
+# and the per-candidate timings (ms) that chose it, for benchmarks and notes.
+TUNED: dict[tuple, dict] = {}
+TIMINGS: dict[tuple, list[tuple[dict, float]]] = {}
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def unsupported_reason(dtype: torch.dtype, bits: int, group_size: int) -> str | None:
+    """Why the Triton kernels cannot run this layer/input, with the fix; ``None`` if they can."""
+    if dtype not in ACTIVATION_DTYPES:
+        return (
+            f"the activations are {dtype}, but the Triton kernels take float16 or bfloat16: load the model with "
+            "dtype=torch.float16 or torch.bfloat16, or use backend='torch'"
+        )
+    if bits not in SUPPORTED_BITS:
+        return f"bits={bits} is not one of {list(SUPPORTED_BITS)}"
+    if group_size != -1 and (group_size <= 0 or group_size % 32):
+        return (
+            f"group_size={group_size} is not a multiple of 32 (or -1, per channel), which the Triton kernels "
+            "need; use backend='torch' for this layer or quantize with group_size 32, 64, 128, ..."
+        )
+    return None
+
+
+def kernel_for_rows(rows: int) -> str:
+    return "gemv" if rows == 1 else "decode" if rows <= DECODE_MAX_ROWS else "prefill"
+
+
+def _check(x, qweight, scales, qzeros, bias, bits, group_size, in_features) -> None:
+    reason = unsupported_reason(x.dtype, bits, group_size)
+    if reason:
+        raise ValueError(reason)
+    k = in_features
+    if x.shape[-1] != k:
+        raise ValueError(f"the input's last dimension is {x.shape[-1]}, but the layer has in_features={k}")
+    if qweight.dtype != torch.int32 or qweight.ndim != 2 or qweight.shape[0] != packed_rows(k, bits):
+        raise ValueError(
+            f"qweight must be int32 ({packed_rows(k, bits)}, N) for in_features={k}, bits={bits}; got "
+            f"{qweight.dtype} {tuple(qweight.shape)}"
+        )
+    n = qweight.shape[1]
+    g = num_groups(k, group_size)
+    if tuple(scales.shape) != (g, n) or not scales.dtype.is_floating_point:
+        raise ValueError(f"scales must be float ({g}, {n}); got {scales.dtype} {tuple(scales.shape)}")
+    if qzeros is not None and (qzeros.dtype != torch.int32 or tuple(qzeros.shape) != (g, packed_rows(n, bits))):
+        raise ValueError(
+            f"qzeros must be int32 ({g}, {packed_rows(n, bits)}); got {qzeros.dtype} {tuple(qzeros.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},); got {tuple(bias.shape)}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("qzeros", qzeros), ("bias", bias)):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}: move the layer and input together")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous; call .contiguous() on it (the packed layout is row-major)")
+
+
+def _fits(kind: str, cfg: dict, bits: int) -> bool:
+    # A gemv tile must hold at least one packed unit (32 k for 3 bits).
+    return kind != "gemv" or cfg["BLOCK_K"] >= 32
+
+
+def _locks(device: torch.device, count: int) -> torch.Tensor:
+    """Per-tile split-K counters; every launch leaves them at zero."""
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < count:
+        locks = torch.zeros(max(count, 8192), dtype=torch.int32, device=device)
+        _LOCKS[device] = locks
+    return locks
+
+
+def _launch(kind, cfg, x2, qweight, scales, qzeros, bias, y, bits, group_size):
+    m, k = x2.shape
+    n = qweight.shape[1]
+    meta = dict(cfg)
+    split = meta["SPLIT_K"]
+    if kind == "gemv":
+        grid = (triton.cdiv(n, meta["BLOCK_N"]), split)
+        tiles = grid[0]
+    else:
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        grid = (tiles, split)
+    if split > 1:
+        ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
+        locks = _locks(x2.device, tiles)
+    else:
+        ws = locks = y
+    args = (x2, qweight, scales, qweight if qzeros is None else qzeros, y if bias is None else bias, y, ws, locks)
+    consts = dict(BITS=bits, GROUP_SIZE=group_size, SYM=qzeros is None, HAS_BIAS=bias is not None, **meta)
+    zw = 0 if qzeros is None else qzeros.shape[1]
+    if kind == "gemv":
+        gemv_kernel[grid](*args, n, k, zw, **consts)
+    else:
+        dot_f32 = triton_interpret() and x2.dtype == torch.bfloat16
+        gemm_kernel[grid](*args, m, n, k, zw, DOT_F32=dot_f32, **consts)
+
+
+def _rows_bucket(kind: str, m: int) -> int:
+    return 1 if kind != "prefill" else min(triton.next_power_of_2(m), 4096)
+
+
+def _choose(kind, x2, qweight, scales, qzeros, bias, y, bits, group_size) -> dict:
+    candidates = [c for c in CONFIGS[kind] if _fits(kind, c, bits)]
+    if triton_interpret() or not x2.is_cuda:
+        return candidates[0]
+    key = (kind, _rows_bucket(kind, x2.shape[0]), qweight.shape[1], x2.shape[1], bits, group_size,
+           qzeros is None, bias is not None, x2.dtype, x2.device)
+    cfg = TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    if torch.cuda.is_current_stream_capturing():
+        logger.warning("hf_signround: no tuned Triton config for %s while a CUDA graph is captured; using the "
+                       "default (run one eager forward before capturing to tune)", key[:8])
+        return candidates[0]
+    timings = []
+    for cand in candidates:
+        try:
+            ms = triton.testing.do_bench(
+                lambda c=cand: _launch(kind, c, x2, qweight, scales, qzeros, bias, y, bits, group_size),
+                warmup=5, rep=20, return_mode="median",
+            )
+        except (OutOfResources, CompilationError, RuntimeError) as err:  # e.g. too much shared memory
+            logger.debug("hf_signround: config %s failed for %s: %s", cand, key[:6], err)
+            continue
+        timings.append((cand, ms))
+    if not timings:
+        raise RuntimeError(f"no Triton config could be launched for {key[:8]}; use backend='torch'")
+    cfg = min(timings, key=lambda t: t[1])[0]
+    TUNED[key], TIMINGS[key] = cfg, timings
+    logger.info("hf_signround: tuned %s kernel for N=%d K=%d bits=%d group=%d: %s", kind, key[2], key[3], bits,
+                group_size, cfg)
+    return cfg
+
+
+def quant_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    qzeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    *,
+    kernel: str | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` with ``W`` dequantized inside the Triton kernels.
+
+    ``kernel`` (``"gemv"``, ``"decode"``, ``"prefill"``) and ``config`` (one of
+    ``triton_kernels.CONFIGS``' entries) force a choice; tests and benchmarks use them.
+    """
+    _check(x, qweight, scales, qzeros, bias, bits, group_size, in_features)
+    n = qweight.shape[1]
+    x2 = x.reshape(-1, in_features).contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    kind = kernel or kernel_for_rows(m)
+    if kind == "gemv" and m != 1:
+        raise ValueError(f"the gemv kernel takes one row of activations, got {m}")
+    if kind not in CONFIGS:
+        raise ValueError(f"kernel={kind!r} is not one of {sorted(CONFIGS)}")
+    cfg = config or _choose(kind, x2, qweight, scales, qzeros, bias, y, bits, group_size)
+    if x2.is_cuda and x2.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x2.device):  # Triton launches on the current device
+            _launch(kind, cfg, x2, qweight, scales, qzeros, bias, y, bits, group_size)
+    else:
+        _launch(kind, cfg, x2, qweight, scales, qzeros, bias, y, bits, group_size)
+    return y.reshape(*x.shape[:-1], n)
