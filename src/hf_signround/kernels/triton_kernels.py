@@ -143,7 +143,7 @@ def gemv_kernel(
     # block of 32 k held in three rows (low bits of k 0..15, of k 16..31, high bits).
     PER_UNIT: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     UNITS: tl.constexpr = BLOCK_K // PER_UNIT
-    ONE_GROUP: tl.constexpr = GROUP_SIZE == -1 or GROUP_SIZE % BLOCK_K == 0
+    ONE_GROUP: tl.constexpr = (GROUP_SIZE == -1) | (GROUP_SIZE % BLOCK_K == 0)
     acc = tl.zeros([UNITS, BLOCK_N], tl.float32)
     first, last = _k_tiles(K, BLOCK_K, SPLIT_K, pid_k)
     for tile in range(first, last):
@@ -229,7 +229,7 @@ def gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_kk = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
-    ONE_GROUP: tl.constexpr = GROUP_SIZE == -1 or GROUP_SIZE % BLOCK_K == 0
+    ONE_GROUP: tl.constexpr = (GROUP_SIZE == -1) | (GROUP_SIZE % BLOCK_K == 0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     first, last = _k_tiles(K, BLOCK_K, SPLIT_K, pid_k)
     for tile in range(first, last):
