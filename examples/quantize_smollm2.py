@@ -5,6 +5,11 @@ Calibrates on Python's `library/` docs, measures perplexity on the held-out `tut
 reloads it with a plain `from_pretrained` and checks that the reload is bit-identical.
 
     python examples/quantize_smollm2.py --bits 4 --group-size 128 --iters 0 --out out/smollm2-w4g128
+
+Mixed precision: ``--avg-bits 3.0 --bit-options 2:64,4:128`` scores every layer by DeltaLoss,
+allocates the options by dynamic programming under the 3.0-bit budget, and writes the
+per-layer report (``sensitivity.json``) and a plot of the chosen bits (``bits.png``, needs
+matplotlib) next to the checkpoint.
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def parse_options(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(b), int(g)) for b, g in (item.split(":") for item in text.split(","))]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of bits:group pairs such as 2:64,4:128") from err
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=4)
@@ -37,6 +49,9 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--eval-seqlen", type=int, default=512)
+    parser.add_argument("--avg-bits", type=float, default=None, help="average-bit budget (mixed precision)")
+    parser.add_argument("--bit-options", type=parse_options, default=None,
+                        help="candidate bits:group pairs for --avg-bits, e.g. 2:64,4:128 (default 2:64,3:128,4:128,8:128)")
     parser.add_argument("--out", type=Path, default=Path("out/smollm2-w4g128"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -53,6 +68,7 @@ def main() -> None:
     cfg = SignRoundV2Config(
         bits=args.bits, group_size=args.group_size, sym=args.sym, iters=args.iters,
         nsamples=args.nsamples, seqlen=args.seqlen, dataset=calibration_texts(), tokenizer=tok,
+        avg_bits=args.avg_bits, bit_options=args.bit_options,
     )
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=cfg)
@@ -61,6 +77,13 @@ def main() -> None:
 
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
+    allocation = model.config.quantization_config.allocation
+    if allocation is not None:
+        allocation.to_json(args.out / "sensitivity.json")
+        try:
+            allocation.plot(args.out / "bits.png")
+        except ImportError as err:
+            logging.warning("%s", err)
     reloaded = AutoModelForCausalLM.from_pretrained(args.out)
     with torch.no_grad():
         same = torch.equal(reloaded(input_ids=windows[:1]).logits, model(input_ids=windows[:1]).logits)
@@ -69,7 +92,9 @@ def main() -> None:
 
     report = {
         "model": "SmolLM2-135M-Instruct",
-        "scheme": f"W{args.bits}G{args.group_size} {'sym' if args.sym else 'asym'} iters={args.iters}",
+        "scheme": (f"avg {args.avg_bits} bits over {allocation.options_label()}" if allocation is not None
+                   else f"W{args.bits}G{args.group_size}") + f" {'sym' if args.sym else 'asym'} iters={args.iters}",
+        "realized_avg_bits": model.config.quantization_config.realized_avg_bits,
         "eval": f"{args.eval_windows} x {args.eval_seqlen} tokens of tutorial/ howto/ faq/",
         "ppl_fp": round(ppl_fp, 3),
         "ppl_quantized": round(ppl_q, 3),

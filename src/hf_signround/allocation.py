@@ -95,9 +95,12 @@ class Allocation:
     method: str = "deltaloss"
     bits: dict[str, int] = field(default_factory=dict)  # layer -> storage bits
 
+    def options_label(self) -> str:
+        return "/".join(f"W{o.bits}G{o.group_size}" for o in self.options)
+
     def table(self) -> str:
         """Per-layer scores and chosen option as aligned text (pinned layers marked)."""
-        heads = [f"W{o.bits}G{o.group_size}" for o in self.options]
+        heads = self.options_label().split("/")
         width = max(len(n) for n in self.specs)
         lines = [f"{'layer':<{width}} {'params':>10} " + " ".join(f"{h:>10}" for h in heads) + "   chosen"]
         for name, spec in self.specs.items():

@@ -1,0 +1,72 @@
+"""Cost of the DeltaLoss scoring against one plain forward+backward of the model (issue 4).
+
+On SmolLM2-135M-Instruct with 16 x 256 scoring windows from Python's `library/` docs: the
+time of one ordinary training-style forward+backward (weight gradients of every parameter)
+over the windows, then the time DeltaLoss takes per option, whole-model and block-by-block.
+Both are measured in the same run, so the ratio holds on a noisy machine.
+
+    python benchmarks/sensitivity_cost.py [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_signround.assets import calibration_texts, smollm2_path
+from hf_signround.blocks import quantizable_layers
+from hf_signround.calibration import build_calibration
+from hf_signround.qfunc import QuantSpec
+from hf_signround.sensitivity import delta_loss_scores
+
+NSAMPLES, SEQLEN, BATCH, SEED = 16, 256, 8, 42
+
+
+def plain_forward_backward(model, ids) -> float:
+    model.requires_grad_(True)
+    start = time.perf_counter()
+    for i in range(0, len(ids), BATCH):
+        batch = ids[i : i + BATCH]
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sensitivity_cost.json"))
+    args = parser.parse_args()
+    model_dir = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = build_calibration(calibration_texts(), tok, NSAMPLES, SEQLEN, SEED)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    layers = quantizable_layers(model, ["lm_head"])
+    option = [QuantSpec(2, 64, True)]
+    rows = {"plain_forward_backward": [], "deltaloss_whole_model": [], "deltaloss_by_blocks": []}
+    for _ in range(args.repeats):  # interleaved, so drifting load hits every row alike
+        rows["plain_forward_backward"].append(plain_forward_backward(model, ids))
+        for key, by_blocks in (("deltaloss_whole_model", False), ("deltaloss_by_blocks", True)):
+            start = time.perf_counter()
+            delta_loss_scores(model, layers, option, ids, batch_size=BATCH, scale_dtype=torch.float16,
+                              device=torch.device("cpu"), by_blocks=by_blocks)
+            rows[key].append(time.perf_counter() - start)
+    base = min(rows["plain_forward_backward"])
+    result = {k: {"seconds_min": round(min(v), 2), "ratio_to_plain_fwd_bwd": round(min(v) / base, 3)}
+              for k, v in rows.items()}
+    result["protocol"] = f"SmolLM2-135M, {NSAMPLES} x {SEQLEN} tokens, batch {BATCH}, one option, min of {args.repeats}"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'pass':<26} {'seconds':>8} {'vs plain F+B':>13}")
+    for k, v in rows.items():
+        print(f"{k:<26} {min(v):>8.2f} {min(v) / base:>13.3f}")
+
+
+if __name__ == "__main__":
+    main()
