@@ -175,22 +175,24 @@ def _score_by_blocks(model, layers, spec, batches, scale_dtype, device, add) -> 
 def _head_grad(model: nn.Module, blocks: nn.ModuleList, last: torch.Tensor, batch: torch.Tensor, tuple_out: bool):
     """Run the model with every block replaced by one that emits ``last`` (the real last
     block's output), so only the embeddings and the head compute; return ∂loss/∂last."""
-    leaf = last.detach().requires_grad_()
+    leaf = last.detach().to(_home(model.get_output_embeddings(), last.device)).requires_grad_()
     saved = list(blocks)
     emit = _Emit(leaf, tuple_out)
     try:
         for i in range(len(blocks)):
             blocks[i] = emit
-        batch = batch.to(model.get_input_embeddings().weight.device if not _is_meta(model) else leaf.device)
-        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        model(input_ids=batch.to(_home(model.get_input_embeddings(), leaf.device)), labels=batch,
+              use_cache=False).loss.backward()
     finally:
         for i, block in enumerate(saved):
             blocks[i] = block
-    return leaf.grad
+    return leaf.grad.to(last.device)
 
 
-def _is_meta(model: nn.Module) -> bool:
-    return model.get_input_embeddings().weight.device.type == "meta"
+def _home(module: nn.Module | None, fallback: torch.device) -> torch.device:
+    """Where a (possibly offloaded) module's weight lives, else ``fallback``."""
+    weight = getattr(module, "weight", None)
+    return fallback if weight is None or weight.device.type == "meta" else weight.device
 
 
 class _Emit(nn.Module):
