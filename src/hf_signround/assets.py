@@ -23,6 +23,7 @@ __all__ = [
     "SMOLLM2_GGUF",
     "python_docs_texts",
     "calibration_texts",
+    "convert_gguf",
     "heldout_texts",
     "smollm2_gguf_path",
     "smollm2_path",
@@ -125,6 +126,11 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def convert_gguf(gguf: str | Path, out_dir: str | Path) -> None:
+    """Dequantize any GGUF model file to float32 and save model + tokenizer in ``out_dir`` (CLI input)."""
+    _convert_gguf(Path(gguf), Path(out_dir))
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:

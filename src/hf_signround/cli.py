@@ -1,0 +1,487 @@
+"""``hf-signround``: quantize, evaluate, inspect and export checkpoints from the command line.
+
+Commands (``hf-signround COMMAND --help`` lists every option with its default)::
+
+    hf-signround quantize MODEL OUT   quantize MODEL (folder, .gguf file or hub id) into OUT
+    hf-signround eval MODEL           perplexity on held-out text and generation tokens/s
+    hf-signround inspect OUT          per-layer bits, sizes and the realised average bits
+    hf-signround export CKPT OUT      rewrite a saved hf_signround checkpoint as GPTQ
+
+Exit codes: 0 done; 1 unexpected failure (``--debug`` shows the traceback); 2 an invalid
+option or setting (the message names it and what is allowed); 3 an input that cannot be
+found or read (a model, a dataset, a checkpoint folder).
+
+The quantization defaults are ``SignRoundV2Config``'s; the CLI adds none of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
+BUILTIN_TEXTS = {
+    "pydocs": "Python's library reference (Debian python3.11-doc); the default calibration text",
+    "pydocs-heldout": "Python's tutorial, HOWTOs and FAQ, disjoint from 'pydocs'; the default evaluation text",
+}
+
+
+class CLIError(Exception):
+    """A failure with a message that says what to fix, and the exit code it maps to."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+def _config_defaults() -> dict[str, Any]:
+    from .config import SignRoundV2Config
+
+    params = inspect.signature(SignRoundV2Config.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def parse_bit_options(text: str) -> list[tuple[int, int]]:
+    """``"2:64,4:128"`` -> ``[(2, 64), (4, 128)]`` (group -1: one group per output channel)."""
+    pairs = []
+    for item in text.split(","):
+        bits, sep, group = item.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            pairs.append((int(bits), int(group)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item.strip()!r} is not BITS:GROUP_SIZE; write the candidates as e.g. 2:64,4:128"
+            ) from None
+    return pairs
+
+
+# ----------------------------------------------------------------------------- inputs
+def _texts(name: str) -> list[str] | str:
+    """A built-in corpus by name, else the string as a dataset spec (path or hub name)."""
+    from .assets import calibration_texts, heldout_texts
+
+    loaders = {"pydocs": calibration_texts, "pydocs-heldout": heldout_texts}
+    if name in loaders:
+        try:
+            return loaders[name]()
+        except FileNotFoundError as err:
+            raise CLIError(f"{err}; or pass --dataset with a text file, a folder or a hub dataset name",
+                           EXIT_INPUT) from err
+    return name
+
+
+@contextlib.contextmanager
+def model_source(model: str):
+    """A folder or hub id ``from_pretrained`` can read; a .gguf file is converted to a temporary folder."""
+    path = Path(model).expanduser()
+    if model.startswith(("/", "./", "../", "~")) and not path.exists():
+        raise CLIError(f"{model} not found: give a model folder, a .gguf file or a hub model id", EXIT_INPUT)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CLIError(f"GGUF file {path} not found", EXIT_INPUT)
+        from .assets import convert_gguf
+
+        with tempfile.TemporaryDirectory(prefix="hf-signround-gguf-") as tmp:
+            logger.info("converting %s to a float checkpoint in %s", path, tmp)
+            convert_gguf(path, Path(tmp))
+            yield tmp
+        return
+    if path.exists() and not (path / "config.json").is_file():
+        raise CLIError(f"{path} has no config.json: give a model folder saved by transformers, a .gguf file "
+                       "or a hub model id", EXIT_INPUT)
+    yield str(path) if path.exists() else model
+
+
+def _load_tokenizer(source: str, required: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        if required:
+            raise CLIError(f"cannot load a tokenizer from {source} ({err}); calibration text needs one",
+                           EXIT_INPUT) from err
+        logger.warning("no tokenizer in %s: OUT will hold the weights only", source)
+        return None
+
+
+def _load_model(source: str, **kwargs):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as err:
+        raise CLIError(f"cannot load model {source!r}: {err}", EXIT_INPUT) from err
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return ""
+
+
+def _folder_size(path: Path) -> str:
+    return _human(sum(f.stat().st_size for f in path.glob("*.safetensors")))
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .config import SignRoundV2Config
+    from .export import export_gptq
+
+    out = Path(args.out)
+    knobs = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "iters": args.iters,
+             "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "device": args.device,
+             "avg_bits": args.avg_bits, "bit_options": args.bit_options,
+             "sensitivity_method": args.sensitivity_method, "modules_to_not_convert": args.keep or None}
+    config = SignRoundV2Config(**knobs)  # bad options fail here, before anything loads
+    if config.needs_calibration and args.dataset is None:
+        raise CLIError(f"--iters {args.iters} tunes on calibration text (and --avg-bits scores on it): pass "
+                       "--dataset (a text file or folder, a hub dataset name, or 'pydocs'), or --iters 0 "
+                       "for round-to-nearest")
+    with model_source(args.model) as source:
+        tokenizer = _load_tokenizer(source, required=config.needs_calibration)
+        if config.needs_calibration:
+            config = SignRoundV2Config(**knobs, dataset=_texts(args.dataset), tokenizer=tokenizer)
+        load = {"quantization_config": config, "dtype": args.dtype}
+        if args.device_map:
+            load["device_map"] = args.device_map
+        if args.offload_folder:
+            load["offload_folder"] = args.offload_folder
+        model = _load_model(source, **load)
+        if args.format == "gptq":
+            export_gptq(model, out)
+        else:
+            model.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+    saved = model.config.quantization_config
+    allocation = getattr(saved, "allocation", None)
+    if allocation is not None:
+        allocation.to_json(out / "allocation.json")
+    summary = inspect_checkpoint(out)
+    print(f"quantized {summary['layers']} layers ({_schemes_line(summary)}), realised "
+          f"{summary['avg_bits']:.3f} bits/weight; wrote {args.format} checkpoint {out} "
+          f"({_folder_size(out)})")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from .evaluation import heldout_windows, perplexity, tokens_per_second
+
+    with model_source(args.model) as source:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as err:
+            raise CLIError(f"cannot load a tokenizer from {source} ({err}): evaluation needs one", EXIT_INPUT) from err
+        load: dict[str, Any] = {"device_map": args.device} if args.device else {}
+        if _quant_method(source) == "gptq":
+            load["quantization_config"] = _gptq_loader()
+        model = _load_model(source, **load)
+    from .calibration import load_texts
+
+    texts = _texts(args.dataset)
+    windows = heldout_windows(tokenizer, texts if isinstance(texts, list) else load_texts(texts),
+                              n_windows=args.windows, seqlen=args.seqlen)
+    result = {"model": args.model, "dataset": args.dataset, "windows": args.windows, "seqlen": args.seqlen,
+              "perplexity": perplexity(model, windows, batch_size=args.batch_size)}
+    if args.max_new_tokens > 0:
+        result["tokens_per_second"] = tokens_per_second(model, tokenizer, args.prompt, args.max_new_tokens)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        speed = (f"; {result['tokens_per_second']:.1f} tokens/s generating {args.max_new_tokens} tokens"
+                 if "tokens_per_second" in result else "")
+        print(f"perplexity {result['perplexity']:.3f} on {args.windows} x {args.seqlen} tokens of {args.dataset}{speed}")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    summary = inspect_checkpoint(Path(args.out))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    if args.layers:
+        width = max(len(n) for n in summary["per_layer"])
+        print(f"{'layer':<{width}}  bits  group  sym  {'shape':>11}  {'bytes':>9}  bits/weight")
+        for name, row in summary["per_layer"].items():
+            shape = f"{row['out_features']}x{row['in_features']}"
+            print(f"{name:<{width}}  {row['bits']:>4}  {row['group_size']:>5}  {'y' if row['sym'] else 'n':>3}  "
+                  f"{shape:>11}  {row['bytes']:>9}  {row['avg_bits']:.3f}")
+    print(f"{summary['format']} checkpoint {args.out}: {summary['layers']} quantized layers "
+          f"({_schemes_line(summary)}), {summary['params']:,} weights")
+    stored = summary.get("config_realized_avg_bits")
+    print(f"realised average {summary['avg_bits']:.4f} bits/weight (codes + scales + zero points)"
+          + (f"; allocation target {summary['target_avg_bits']}, recorded {stored}" if stored is not None else ""))
+    print(f"quantized layers {_human(summary['quantized_bytes'])}, whole checkpoint "
+          f"{_human(summary['checkpoint_bytes'])}")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_gptq
+
+    source = Path(args.checkpoint)
+    if _quant_method(str(source)) != "signround_v2":
+        raise CLIError(f"{source} is not an hf_signround checkpoint (quantization_config.quant_method is not "
+                       "signround_v2): quantize it first with `hf-signround quantize`")
+    model = _load_model(str(source))
+    result = export_gptq(model, args.out, max_shard_size=args.max_shard_size)
+    tokenizer = _load_tokenizer(str(source), required=False)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out)
+    print(f"wrote GPTQ checkpoint {result.path} ({_folder_size(result.path)}); "
+          f"{len(result.regrouped)} layers regrouped, {result.mirrored_groups} zero-point-0 groups mirrored")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- inspect
+def _read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CLIError(f"{folder} holds no config.json: give the folder a quantized checkpoint was saved to",
+                       EXIT_INPUT)
+    return json.loads(path.read_text())
+
+
+def _quant_method(source: str) -> str | None:
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        return None
+    return (_read_config(path).get("quantization_config") or {}).get("quant_method")
+
+
+def _gptq_loader():
+    try:
+        import auto_round  # noqa: F401 - the loader behind AutoRoundConfig
+        from transformers import AutoRoundConfig
+    except ImportError as err:
+        raise CLIError("MODEL is a GPTQ checkpoint: evaluating it on CPU needs auto-round "
+                       "(pip install 'hf-signround[test]' or pip install auto-round)", EXIT_INPUT) from err
+    return AutoRoundConfig(backend="auto")
+
+
+def _tensor_headers(folder: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """name -> (shape, bytes) of every tensor in the folder's safetensors, read from the headers only."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+                piece = handle.get_slice(key)
+                shape = tuple(piece.get_shape())
+                size = {"I32": 4, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U8": 1, "I8": 1}.get(piece.get_dtype(), 4)
+                count = 1
+                for dim in shape:
+                    count *= dim
+                out[key] = (shape, count * size)
+    return out
+
+
+def inspect_checkpoint(folder: Path) -> dict[str, Any]:
+    """Per-layer bits, group size, bytes and the realised average bits of a quantized checkpoint.
+
+    Reads config.json and the safetensors headers only (no weights are loaded); works for
+    hf_signround checkpoints and GPTQ exports.
+    """
+    qc = _read_config(folder).get("quantization_config")
+    if not qc:
+        raise CLIError(f"{folder} holds an unquantized model (config.json has no quantization_config); "
+                       "quantize it with `hf-signround quantize`")
+    method = qc.get("quant_method")
+    if method not in ("signround_v2", "gptq"):
+        raise CLIError(f"{folder} is quantized with {method!r}; inspect reads signround_v2 and gptq checkpoints")
+    headers = _tensor_headers(folder)
+    if not headers:
+        raise CLIError(f"{folder} holds no .safetensors files", EXIT_INPUT)
+    layers = sorted({k.rpartition(".")[0] for k in headers if k.endswith(".qweight")})
+    shapes = _linear_shapes(folder)
+    per_layer = {}
+    for name in layers:
+        n, k = shapes[name]
+        if method == "signround_v2":
+            spec = {**{key: qc[key] for key in ("bits", "group_size", "sym")}, **qc["layer_config"].get(name, {})}
+        else:
+            rows, groups = headers[f"{name}.qweight"][0][0], headers[f"{name}.scales"][0][0]
+            spec = _gptq_spec(qc, name, bits=rows * 32 // k, group_size=-1 if groups == 1 else k // groups)
+        size = sum(headers[f"{name}.{t}"][1] for t in ("qweight", "scales", "qzeros") if f"{name}.{t}" in headers)
+        per_layer[name] = {**spec, "out_features": n, "in_features": k, "bytes": size, "avg_bits": 8 * size / (n * k)}
+    params = sum(r["out_features"] * r["in_features"] for r in per_layer.values())
+    quantized = sum(r["bytes"] for r in per_layer.values())
+    schemes: dict[str, int] = {}
+    for r in per_layer.values():
+        label = f"W{r['bits']}G{r['group_size']} {'sym' if r['sym'] else 'asym'}"
+        schemes[label] = schemes.get(label, 0) + 1
+    return {
+        "format": "hf_signround" if method == "signround_v2" else "gptq",
+        "layers": len(per_layer), "params": params, "schemes": schemes,
+        "avg_bits": 8 * quantized / params if params else 0.0,
+        "config_realized_avg_bits": qc.get("realized_avg_bits"), "target_avg_bits": qc.get("avg_bits"),
+        "quantized_bytes": quantized, "checkpoint_bytes": sum(b for _, b in headers.values()),
+        "per_layer": per_layer,
+    }
+
+
+def _linear_shapes(folder: Path) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of every Linear, from the architecture built on the meta device."""
+    from accelerate import init_empty_weights
+    from torch import nn
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _gptq_spec(qc: dict, name: str, bits: int, group_size: int) -> dict:
+    """A GPTQ layer's scheme: bits and group size from its tensors, sym from the first matching rule."""
+    import re
+
+    sym = qc.get("sym", True)
+    for pattern, override in (qc.get("dynamic") or {}).items():
+        if pattern.startswith("+:") and re.match(pattern[2:], name):
+            sym = override.get("sym", sym)
+            break
+    return {"bits": bits, "group_size": group_size, "sym": sym}
+
+
+def _schemes_line(summary: dict) -> str:
+    return ", ".join(f"{count} {label}" for label, count in summary["schemes"].items())
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    d = _config_defaults()
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="hf-signround", description="Quantize (SignRoundV2), evaluate, inspect and export checkpoints.",
+        epilog="exit codes: 0 done, 1 unexpected failure, 2 invalid option or setting, 3 input not found or unreadable",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    q = sub.add_parser("quantize", formatter_class=fmt, help="quantize a model and save it",
+                       description="Quantize MODEL with SignRoundV2 and save the result (plus its tokenizer) to OUT.")
+    q.add_argument("model", metavar="MODEL", help="a transformers model folder, a .gguf file, or a hub model id")
+    q.add_argument("out", metavar="OUT", help="folder to write the quantized checkpoint to")
+    q.add_argument("--bits", type=int, default=d["bits"], help="weight bits: 2, 3, 4 or 8")
+    q.add_argument("--group-size", type=int, default=d["group_size"],
+                   help="input elements sharing a scale; -1 = one group per output channel")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=d["sym"],
+                     help="symmetric quantization (implicit zero point)")
+    sym.add_argument("--asym", dest="sym", action="store_false", default=argparse.SUPPRESS,
+                     help="asymmetric quantization with stored zero points" + ("" if d["sym"] else " (the default)"))
+    q.add_argument("--iters", type=int, default=d["iters"],
+                   help="sign-gradient tuning steps per block; 0 = round-to-nearest (no data needed)")
+    q.add_argument("--nsamples", type=int, default=d["nsamples"], help="calibration windows")
+    q.add_argument("--seqlen", type=int, default=d["seqlen"], help="tokens per calibration window")
+    q.add_argument("--dataset", default=None,
+                   help="calibration text: a text file or folder, a hub dataset ('name' or 'name:config'), or "
+                        "'pydocs' (Python's library docs); needed when --iters > 0 or with --avg-bits")
+    q.add_argument("--avg-bits", type=float, default=d["avg_bits"],
+                   help="target average bits per weight incl. scales and zero points; mixes --bit-options by "
+                        "sensitivity (None: every layer gets --bits/--group-size)")
+    q.add_argument("--bit-options", type=parse_bit_options, default=d["bit_options"], metavar="B:G,...",
+                   help="candidate BITS:GROUP_SIZE pairs for --avg-bits, e.g. 2:64,4:128 (None: "
+                        "2:64,3:128,4:128,8:128)")
+    q.add_argument("--sensitivity-method", choices=("deltaloss", "weight_error"), default=d["sensitivity_method"],
+                   help="how --avg-bits scores layers: DeltaLoss on calibration text, or weight error (no data)")
+    q.add_argument("--keep", action="append", metavar="MODULE",
+                   help="keep this module (name or dotted suffix such as mlp.down_proj) in full precision; repeatable")
+    q.add_argument("--device", default=d["device"],
+                   help="device the block being quantized runs on, e.g. cuda, cuda:1, cpu (None: CUDA if present)")
+    q.add_argument("--device-map", default=None,
+                   help="accelerate placement while loading, e.g. auto (spread over GPUs, CPU and disk), cpu")
+    q.add_argument("--offload-folder", default=None, help="folder for weights --device-map offloads to disk")
+    q.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype the model loads in (auto: the checkpoint's)")
+    q.add_argument("--seed", type=int, default=d["seed"], help="seeds window choice and tuning")
+    q.add_argument("--format", choices=("signround", "gptq"), default="signround",
+                   help="signround: reloads with from_pretrained; gptq: GPTQ v1 for vLLM and other GPTQ loaders")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", formatter_class=fmt, help="perplexity and generation speed",
+                       description="Perplexity of MODEL on held-out text, and greedy generation tokens/s.")
+    e.add_argument("model", metavar="MODEL", help="a model folder (float, hf_signround or GPTQ), .gguf file or hub id")
+    e.add_argument("--dataset", default="pydocs-heldout",
+                   help="text: a file or folder, a hub dataset, or a built-in: " + "; ".join(
+                       f"'{k}' = {v}" for k, v in BUILTIN_TEXTS.items()))
+    e.add_argument("--windows", type=int, default=40, help="evenly spaced windows of the text")
+    e.add_argument("--seqlen", type=int, default=512, help="tokens per window")
+    e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    e.add_argument("--prompt", default="def fibonacci(n):", help="prompt of the speed measurement")
+    e.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated for tokens/s; 0 skips it")
+    e.add_argument("--device", default=None, help="device to run on, e.g. cuda or cpu (None: where it loads)")
+    e.add_argument("--json", action="store_true", help="print the results as JSON")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", formatter_class=fmt, help="per-layer bits and sizes of a checkpoint",
+                       description="Bits, group size, bytes per quantized layer and the realised average of OUT "
+                                   "(reads config.json and tensor headers only).")
+    i.add_argument("out", metavar="OUT", help="an hf_signround or GPTQ checkpoint folder")
+    i.add_argument("--layers", action="store_true", help="print one line per layer")
+    i.add_argument("--json", action="store_true", help="print everything as JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("export", formatter_class=fmt, help="rewrite an hf_signround checkpoint as GPTQ",
+                       description="Convert a saved hf_signround checkpoint to the GPTQ v1 layout, exactly.")
+    x.add_argument("checkpoint", metavar="CKPT", help="folder written by `hf-signround quantize` or save_pretrained")
+    x.add_argument("out", metavar="OUT", help="folder to write the GPTQ checkpoint to")
+    x.add_argument("--format", choices=("gptq",), default="gptq", help="target layout")
+    x.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB or 5GB")
+    x.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    where = f"hf-signround {args.command}"
+    try:
+        return args.func(args)
+    except CLIError as err:
+        print(f"{where}: error: {err}", file=sys.stderr)
+        return err.code
+    except (ValueError, TypeError) as err:  # config and plan validation: the message names the setting
+        if args.debug:
+            raise
+        print(f"{where}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:
+        if args.debug:
+            raise
+        print(f"{where}: error: {err}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"{where}: failed: {type(err).__name__}: {err} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

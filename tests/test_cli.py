@@ -1,0 +1,178 @@
+"""The ``hf-signround`` command line: every command run as a real process, exit codes and messages.
+
+Each process pays torch + transformers start-up (~6 s on 2 cores), so the error paths that
+need no model are also checked in-process through ``main()``, the function the console
+script calls.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_signround import SignRoundV2Config
+from hf_signround.cli import EXIT_INPUT, EXIT_USAGE, inspect_checkpoint, main
+from hf_signround.evaluation import heldout_windows, perplexity
+from hf_signround.export import export_gptq
+
+IDS = torch.tensor([[1, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hf_signround.cli", "-q", *map(str, args)], capture_output=True,
+                          text=True, timeout=600, check=False, env={**os.environ, **(env or {})})
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory, corpus):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n\n".join(corpus))
+    return path
+
+
+def test_console_script_help_lists_every_option_with_its_default():
+    script = shutil.which("hf-signround")
+    if script is None:
+        pytest.skip("the console script is not installed: pip install -e .")
+    out = subprocess.run([script, "quantize", "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    helps: dict[str, str] = {}  # option -> its help text, wrapped lines joined
+    for line in out.stdout.split("options:", 1)[1].splitlines():
+        entry = re.match(r"  (?:-\w, )?--([\w-]+)(.*)", line)
+        if entry:
+            option = entry[1]
+            helps[option] = entry[2]
+        elif helps:
+            helps[option] += " " + line.strip()
+    helps = {k: " ".join(v.split()) for k, v in helps.items()}
+    defaults = SignRoundV2Config()
+    for option, default in [("bits", defaults.bits), ("group-size", defaults.group_size), ("iters", defaults.iters),
+                            ("nsamples", defaults.nsamples), ("seqlen", defaults.seqlen), ("seed", defaults.seed),
+                            ("avg-bits", None), ("bit-options", None), ("dataset", None), ("device", None),
+                            ("sensitivity-method", defaults.sensitivity_method), ("format", "signround")]:
+        assert helps[option].endswith(f"(default: {default})"), helps[option]
+    for option in ("sym", "asym", "device-map", "offload-folder", "keep", "dtype"):
+        assert option in helps
+    assert helps["asym"] == "asymmetric quantization with stored zero points (the default)"
+
+
+def test_quantize_and_inspect(llama_dir, tmp_path):
+    out = tmp_path / "w3"
+    done = run("quantize", llama_dir, out, "--bits", 3, "--group-size", 32, "--iters", 0)
+    assert done.returncode == 0, done.stderr
+    assert "quantized 14 layers (14 W3G32 asym), realised 3.594 bits/weight" in done.stdout
+    # the same as quantizing in Python, and reloadable without hf_signround-specific code
+    cfg = SignRoundV2Config(bits=3, group_size=32, sym=False, iters=0)
+    ours = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=cfg)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out)), logits(ours))
+    assert AutoTokenizer.from_pretrained(out)("the model")["input_ids"]
+
+    shown = run("inspect", out, "--json")
+    assert shown.returncode == 0, shown.stderr
+    summary = json.loads(shown.stdout)
+    assert summary["format"] == "hf_signround" and summary["layers"] == 14 and summary["params"] == 73728
+    assert summary["avg_bits"] == 3 + (16 + 3) / 32  # codes + fp16 scale + 3-bit zero per group of 32
+    row = summary["per_layer"]["model.layers.0.mlp.down_proj"]
+    assert (row["bits"], row["group_size"], row["sym"], row["out_features"], row["in_features"]) == (3, 32, False, 64, 128)
+
+
+def test_quantize_mixed_bits_to_an_average(llama_dir, tmp_path):
+    out = tmp_path / "mixed"
+    done = run("quantize", llama_dir, out, "--iters", 0, "--sym", "--avg-bits", 3, "--bit-options", "2:32,4:32",
+               "--sensitivity-method", "weight_error")
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert saved["avg_bits"] == 3 and saved["bit_options"] == [[2, 32], [4, 32]]
+    assert {spec["bits"] for spec in saved["layer_config"].values()} == {2, 4}
+    allocation = json.loads((out / "allocation.json").read_text())
+    assert allocation["target_avg_bits"] == 3 and set(allocation["layers"]) == set(saved["layer_config"])
+    summary = inspect_checkpoint(out)
+    # the average measured on the packed tensors is the one the allocation recorded, under the target
+    assert math.isclose(summary["avg_bits"], saved["realized_avg_bits"], abs_tol=1e-6)
+    assert summary["avg_bits"] <= 3
+
+
+def test_quantize_to_gptq_and_export(llama_dir, tmp_path):
+    done = run("quantize", llama_dir, tmp_path / "gptq", "--bits", 4, "--group-size", 32, "--iters", 0,
+               "--format", "gptq")
+    assert done.returncode == 0, done.stderr
+    assert "wrote gptq checkpoint" in done.stdout
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    assert (config["quant_method"], config["bits"], config["group_size"]) == ("gptq", 4, 32)
+
+    # `export` rewrites a saved hf_signround checkpoint: the same files as exporting in Python
+    model = AutoModelForCausalLM.from_pretrained(
+        llama_dir, quantization_config=SignRoundV2Config(bits=4, group_size=32, iters=0))
+    model.save_pretrained(tmp_path / "ours")
+    export_gptq(model, tmp_path / "python")
+    done = run("export", tmp_path / "ours", tmp_path / "cli")
+    assert done.returncode == 0, done.stderr
+    for name in ("model.safetensors", "quantize_config.json"):
+        assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "python" / name).read_bytes()
+    assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (tmp_path / "gptq" / "model.safetensors").read_bytes()
+    summary = inspect_checkpoint(tmp_path / "cli")
+    assert summary["format"] == "gptq" and summary["schemes"] == {"W4G32 asym": 14}
+
+
+def test_eval(llama_dir, corpus_file, tokenizer):
+    done = run("eval", llama_dir, "--dataset", corpus_file, "--windows", 4, "--seqlen", 32, "--max-new-tokens", 4,
+               "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    windows = heldout_windows(tokenizer, [corpus_file.read_text()], n_windows=4, seqlen=32)
+    expected = perplexity(AutoModelForCausalLM.from_pretrained(llama_dir), windows)
+    assert math.isclose(result["perplexity"], expected, rel_tol=1e-6)
+    assert result["tokens_per_second"] > 0
+
+
+def test_errors_exit_with_their_codes_through_the_process(tmp_path):
+    done = run("quantize", "some/model", tmp_path / "out", "--bits", 5)  # fails before loading anything
+    assert done.returncode == EXIT_USAGE
+    assert "hf-signround quantize: error: bits=5 is not supported: choose one of 2, 3, 4, 8" in done.stderr
+    done = run("quantize", "nobody/no-such-model-here", tmp_path / "out", "--iters", 0, env={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == EXIT_INPUT
+    assert "hf-signround quantize: error: cannot load model 'nobody/no-such-model-here'" in done.stderr
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["quantize", "{llama}", "{tmp}/o", "--iters", "5"], EXIT_USAGE,
+     "--iters 5 tunes on calibration text (and --avg-bits scores on it): pass --dataset"),
+    (["quantize", "{llama}", "{tmp}/o", "--iters", "0", "--group-size", "0"], EXIT_USAGE,
+     "group_size=0 is not valid: use a positive int (e.g. 32, 64, 128), or -1"),
+    (["quantize", "{llama}", "{tmp}/o", "--iters", "0", "--avg-bits", "3", "--bit-options", "2:32,3:32,2:32"],
+     EXIT_USAGE, "lists an option twice"),
+    (["quantize", "{tmp}/empty", "{tmp}/o", "--iters", "0"], EXIT_INPUT, "has no config.json: give a model folder"),
+    (["quantize", "{tmp}/missing.gguf", "{tmp}/o", "--iters", "0"], EXIT_INPUT, "{tmp}/missing.gguf not found: give a model folder, a .gguf file"),
+    (["inspect", "{tmp}/nowhere"], EXIT_INPUT, "{tmp}/nowhere holds no config.json"),
+    (["inspect", "{llama}"], EXIT_USAGE, "holds an unquantized model (config.json has no quantization_config)"),
+    (["export", "{llama}", "{tmp}/o"], EXIT_USAGE, "is not an hf_signround checkpoint"),
+    (["eval", "{tmp}/empty"], EXIT_INPUT, "has no config.json"),
+    (["eval", "{tmp}/nowhere"], EXIT_INPUT, "{tmp}/nowhere not found: give a model folder"),
+])
+def test_error_messages(llama_dir, tmp_path, capsys, argv, code, message):
+    (tmp_path / "empty").mkdir()
+    fill = {"llama": str(llama_dir), "tmp": str(tmp_path)}
+    assert main(["-q", *[a.format(**fill) for a in argv]]) == code
+    err = capsys.readouterr().err
+    assert message.format(**fill) in err, err
+
+
+def test_bad_bit_options_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", "m", "o", "--bit-options", "2-64"])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "'2-64' is not BITS:GROUP_SIZE; write the candidates as e.g. 2:64,4:128" in capsys.readouterr().err
