@@ -212,3 +212,18 @@ def test_export_errors(llama_dir, tmp_path):
                                          r"in_features and out_features divisible by 32, this layer is 64 -> 80"):
         export_gptq(rtn(tmp_path / "odd", group_size=16), tmp_path / "out")
     assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_export_of_an_offloaded_model_matches_the_resident_one(llama_dir, tmp_path):
+    # block 1 offloaded to disk by accelerate: its norms are meta tensors behind hooks until brought in
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    cfg = SignRoundV2Config(bits=4, group_size=32, iters=0)
+    offloaded = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=cfg, device_map=device_map,
+                                                     offload_folder=tmp_path / "offload")
+    assert offloaded.model.layers[1].input_layernorm.weight.device.type == "meta"
+    export_gptq(offloaded, tmp_path / "offloaded")
+    export_gptq(rtn(llama_dir), tmp_path / "resident")
+    assert read_all(tmp_path / "offloaded").keys() == read_all(tmp_path / "resident").keys()
+    assert (tmp_path / "offloaded" / "model.safetensors").read_bytes() == \
+        (tmp_path / "resident" / "model.safetensors").read_bytes()

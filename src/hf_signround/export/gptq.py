@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..blocks import find_blocks
 from ..packing import unpack_qweight_kmajor, unpack_qzeros_nmajor
 from ..qlinear import QuantLinear
+from ..shards import ShardWriter
 from .gptq_pack import pack_gptq_bitstream, pack_gptq_kmajor
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,6 @@ __all__ = ["GPTQExport", "export_gptq", "gptq_layer_tensors", "gptq_quantization
 
 # vLLM fuses these projections into one module and needs one scheme for all of them.
 FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-_WEIGHTS = "model.safetensors"
-_INDEX = "model.safetensors.index.json"
 
 
 @dataclass
@@ -185,15 +184,6 @@ def gptq_quantization_config(
     }
 
 
-def _size_in_bytes(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
-    if not match:
-        raise ValueError(f"max_shard_size={size!r}: give bytes as an int or a string such as '500MB' or '5GB'")
-    return int(float(match[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match[2]])
-
-
 def _tensors(model: nn.Module, qlayers: dict[str, QuantLinear], keep: set[str]):
     """(name, CPU tensor) for every tensor to write, module by module: a QuantLinear's GPTQ
     tensors with its spec, other modules' kept parameters and buffers (offloaded ones brought in)."""
@@ -225,12 +215,12 @@ def export_gptq(model: nn.Module, save_directory: str | Path, max_shard_size: in
             f"{type(model).__name__} has no QuantLinear layers: quantize it first (quantization_config="
             "SignRoundV2Config(...)) or load a saved hf_signround checkpoint"
         )
-    limit = _size_in_bytes(max_shard_size)
     for name, layer in qlayers.items():  # fail before writing anything
         try:
             _check_shape(layer)
         except ValueError as err:
             raise ValueError(f"cannot export {name} to GPTQ: {err}") from err
+    writer = ShardWriter(save_directory, max_shard_size)  # validates the size, clears an older export
     prefix, _ = find_blocks(model)
     float_layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix + ".")]
 
@@ -238,51 +228,22 @@ def export_gptq(model: nn.Module, save_directory: str | Path, max_shard_size: in
 
     keep = set(remove_tied_weights_from_state_dict(model.state_dict(), model))
     out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("model*.safetensors"), out / _INDEX]:
-        old.unlink(missing_ok=True)  # a stale shard would be read alongside the new ones
-
     specs: dict[str, dict] = {}
     result = GPTQExport(out, {}, [])
-    shard: dict[str, torch.Tensor] = {}
-    shard_files: list[tuple[str, list[str]]] = []
-
-    def flush() -> None:
-        if shard:
-            name = f".shard-{len(shard_files):05d}.tmp"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-            shard_files.append((name, list(shard)))
-            shard.clear()
-
-    total = 0
+    progress = tqdm(total=len(qlayers), desc="GPTQ export", unit="layer")
     for owner, tensors, spec in _tensors(model, qlayers, keep):
         if spec is not None:
+            progress.update()
             result.mirrored_groups += spec.pop("mirrored")
             if spec["group_size"] != qlayers[owner].group_size:
                 result.regrouped[owner] = (qlayers[owner].group_size, spec["group_size"])
             specs[owner] = spec
             tensors = {f"{owner}.{k}": t for k, t in tensors.items()}
         for key, t in tensors.items():
-            size = t.numel() * t.element_size()
-            if shard and sum(x.numel() * x.element_size() for x in shard.values()) + size > limit:
-                flush()
-            shard[key] = t.contiguous()
-            total += size
-    flush()
-
-    if len(shard_files) == 1:
-        (out / shard_files[0][0]).rename(out / _WEIGHTS)
-        result.files = [_WEIGHTS]
-    else:
-        weight_map = {}
-        for i, (tmp, keys) in enumerate(shard_files, 1):
-            final = f"model-{i:05d}-of-{len(shard_files):05d}.safetensors"
-            (out / tmp).rename(out / final)
-            weight_map.update(dict.fromkeys(keys, final))
-            result.files.append(final)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / _INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        result.files.append(_INDEX)
+            writer.add(key, t)
+    progress.close()
+    result.files = writer.close()
+    total = writer.total_bytes
 
     numels = {n: m.in_features * m.out_features for n, m in qlayers.items()}
     result.quantization_config = gptq_quantization_config(specs, float_layers, numels, prefix)
