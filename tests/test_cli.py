@@ -176,3 +176,23 @@ def test_bad_bit_options_are_a_usage_error(capsys):
         main(["quantize", "m", "o", "--bit-options", "2-64"])
     assert exit_info.value.code == EXIT_USAGE
     assert "'2-64' is not BITS:GROUP_SIZE; write the candidates as e.g. 2:64,4:128" in capsys.readouterr().err
+
+
+def test_low_memory_quantize_writes_the_same_checkpoint(llama_dir, tmp_path, capsys):
+    common = ["-q", "quantize", str(llama_dir), "--iters", "0", "--bits", "3", "--group-size", "32"]
+    assert main([*common[:3], str(tmp_path / "streamed"), *common[3:], "--low-memory", "--max-shard-size", "30KB"]) == 0
+    assert main([*common[:3], str(tmp_path / "loaded"), *common[3:]]) == 0
+    assert "realised 3.594 bits/weight" in capsys.readouterr().out
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    assert len(list((tmp_path / "streamed").glob("model-*.safetensors"))) > 1
+    assert torch.equal(logits(streamed), logits(AutoModelForCausalLM.from_pretrained(tmp_path / "loaded")))
+    assert AutoTokenizer.from_pretrained(tmp_path / "streamed")("the model")["input_ids"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--device-map", "auto"], "--low-memory reads the checkpoint block by block itself: drop --device-map"),
+    (["--avg-bits", "3", "--sensitivity-method", "weight_error"], "avg_bits needs the whole-model sensitivity pass"),
+])
+def test_low_memory_errors(llama_dir, tmp_path, capsys, extra, message):
+    assert main(["-q", "quantize", str(llama_dir), str(tmp_path / "o"), "--iters", "0", "--low-memory", *extra]) == 2
+    assert message in capsys.readouterr().err

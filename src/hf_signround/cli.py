@@ -82,8 +82,11 @@ def _texts(name: str) -> list[str] | str:
 
 
 @contextlib.contextmanager
-def model_source(model: str):
-    """A folder or hub id ``from_pretrained`` can read; a .gguf file is converted to a temporary folder."""
+def model_source(model: str, local: bool = False):
+    """A folder or hub id ``from_pretrained`` can read; a .gguf file is converted to a temporary folder.
+
+    ``local``: a hub id is downloaded (or found in the cache) and its folder given instead.
+    """
     path = Path(model).expanduser()
     if model.startswith(("/", "./", "../", "~")) and not path.exists():
         raise CLIError(f"{model} not found: give a model folder, a .gguf file or a hub model id", EXIT_INPUT)
@@ -100,7 +103,18 @@ def model_source(model: str):
     if path.exists() and not (path / "config.json").is_file():
         raise CLIError(f"{path} has no config.json: give a model folder saved by transformers, a .gguf file "
                        "or a hub model id", EXIT_INPUT)
-    yield str(path) if path.exists() else model
+    if path.exists():
+        yield str(path)
+    elif local:
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        except Exception as err:  # hub errors have many types; all mean "cannot fetch"
+            raise CLIError(f"cannot load model {model!r}: {err}", EXIT_INPUT) from err
+        yield folder
+    else:
+        yield model
 
 
 def _load_tokenizer(source: str, required: bool):
@@ -152,23 +166,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise CLIError(f"--iters {args.iters} tunes on calibration text (and --avg-bits scores on it): pass "
                        "--dataset (a text file or folder, a hub dataset name, or 'pydocs'), or --iters 0 "
                        "for round-to-nearest")
-    with model_source(args.model) as source:
+    if args.low_memory and (args.device_map or args.offload_folder):
+        raise CLIError("--low-memory reads the checkpoint block by block itself: drop --device-map/--offload-folder")
+    with model_source(args.model, local=args.low_memory) as source:
         tokenizer = _load_tokenizer(source, required=config.needs_calibration)
         if config.needs_calibration:
             config = SignRoundV2Config(**knobs, dataset=_texts(args.dataset), tokenizer=tokenizer)
-        load = {"quantization_config": config, "dtype": args.dtype}
-        if args.device_map:
-            load["device_map"] = args.device_map
-        if args.offload_folder:
-            load["offload_folder"] = args.offload_folder
-        model = _load_model(source, **load)
-        if args.format == "gptq":
-            export_gptq(model, out)
+        shards = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
+        if args.low_memory:
+            saved = _quantize_streaming(source, out, config, args, shards)
         else:
-            model.save_pretrained(out)
+            load = {"quantization_config": config, "dtype": args.dtype}
+            if args.device_map:
+                load["device_map"] = args.device_map
+            if args.offload_folder:
+                load["offload_folder"] = args.offload_folder
+            model = _load_model(source, **load)
+            if args.format == "gptq":
+                export_gptq(model, out, **shards)
+            else:
+                model.save_pretrained(out, **shards)
+            saved = model.config.quantization_config
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
-    saved = model.config.quantization_config
     allocation = getattr(saved, "allocation", None)
     if allocation is not None:
         allocation.to_json(out / "allocation.json")
@@ -177,6 +197,20 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"{summary['avg_bits']:.3f} bits/weight; wrote {args.format} checkpoint {out} "
           f"({_folder_size(out)})")
     return EXIT_OK
+
+
+def _quantize_streaming(source: str, out: Path, config, args: argparse.Namespace, shards: dict):
+    """--low-memory: one block in memory at a time (``streaming.quantize_checkpoint``)."""
+    from .export import export_gptq
+    from .streaming import quantize_checkpoint
+
+    if args.format != "gptq":
+        quantize_checkpoint(source, out, config, dtype=args.dtype, **shards)
+        return config
+    with tempfile.TemporaryDirectory(prefix="hf-signround-packed-") as tmp:
+        quantize_checkpoint(source, tmp, config, dtype=args.dtype, **shards)
+        export_gptq(_load_model(tmp), out, **shards)  # the packed model only: a fraction of the float one
+    return config
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -412,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device-map", default=None,
                    help="accelerate placement while loading, e.g. auto (spread over GPUs, CPU and disk), cpu")
     q.add_argument("--offload-folder", default=None, help="folder for weights --device-map offloads to disk")
+    q.add_argument("--low-memory", action="store_true",
+                   help="read and quantize one block at a time and write packed blocks as they finish: peak memory "
+                        "is about one block plus calibration activations instead of the whole model (see "
+                        "docs/BIG_MODELS.md); not with --avg-bits")
+    q.add_argument("--max-shard-size", default=None,
+                   help="largest output safetensors file, e.g. 500MB or 5GB (None: transformers' default; 500MB "
+                        "with --low-memory, where one shard is buffered in memory)")
     q.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="dtype the model loads in (auto: the checkpoint's)")
     q.add_argument("--seed", type=int, default=d["seed"], help="seeds window choice and tuning")
