@@ -95,13 +95,21 @@ def test_every_config(kernel: str, index: int) -> None:
 @pytest.mark.parametrize("kernel", ["gemv", "decode"])
 def test_split_k_is_deterministic_and_resets(kernel: str, bits: int) -> None:
     # K=96 with BLOCK_K=64 is 2 tiles over 4 splits: two splits own no tile and still arrive.
-    cfg = {**next(c for c in CONFIGS[kernel] if c["SPLIT_K"] > 1), "SPLIT_K": 4, "BLOCK_K": 64}
+    cfg = {**CONFIGS[kernel][0], "SPLIT_K": 4, "BLOCK_K": 64}
     layer = _layer(50, 96, bits, 32, sym=False, dtype=torch.float16)
     x = _x(ROWS[kernel], 96, torch.float16)
     first = _run(layer, x, kernel=kernel, config=cfg)
     _assert_matches_reference(layer, x, first)
     again = _run(layer, x, kernel=kernel, config=cfg)  # the counters must be back at zero
     assert torch.equal(first, again)
+
+
+def test_auto_split_k() -> None:
+    from hf_signround.kernels.triton_launch import _auto_split
+
+    assert _auto_split(tiles=1000, k_tiles=64, device=torch.device(DEVICE)) == 1  # enough programs already
+    assert 1 < _auto_split(tiles=8, k_tiles=64, device=torch.device(DEVICE)) <= 16
+    assert _auto_split(tiles=1, k_tiles=3, device=torch.device(DEVICE)) == 3  # never more splits than K tiles
 
 
 @pytest.mark.parametrize(

@@ -12,11 +12,15 @@ the reference's float32 weight (``kernels/reference.py``).
 
 Kernels (``M`` rows of activations, ``N`` outputs, ``K`` inputs):
 
-* ``gemv_kernel`` -- decode, ``M == 1``: CUDA-core dot products. A program owns ``BLOCK_N``
-  outputs and a K range; it loads each packed tile once and walks its fields with
-  compile-time shifts (k = row * codes_per_row + field), so every word is read once.
+* ``gemv_kernel`` -- decode, ``M == 1``: CUDA-core FMAs. A program owns ``BLOCK_N`` outputs
+  and a K range (split-K); it accumulates ``x[k] * W[k, n]`` in a float32 tile and reduces
+  over k once at the end.
 * ``gemm_kernel`` -- tensor-core tiles ``BLOCK_M x BLOCK_N``: the ``decode`` configs
   (``BLOCK_M = 16``, split-K) serve 2..16 rows, the ``prefill`` configs large ``M``.
+
+Both dequantize with ``_dequant_tile``: each packed word is loaded once (cp.async-pipelined)
+and expanded to its 32/bits codes in registers. (Loading one word per k, GPTQ-Triton style,
+was measured 1.9x slower for M=16 and prefill on an H200: 8x the shared-memory traffic.)
 
 Split-K (``SPLIT_K > 1``): each split writes float32 partials to a workspace
 ``(SPLIT_K, M, N)``, then takes a ticket on a per-tile counter; the last split to arrive
@@ -32,7 +36,7 @@ import triton.language as tl
 __all__ = ["CONFIGS", "gemm_kernel", "gemv_kernel"]
 
 # A float32 with the exponent of 1.0 and an empty mantissa.
-_ONE_BITS = 0x3F800000
+_ONE_BITS = tl.constexpr(0x3F800000)
 
 
 @triton.jit
@@ -40,15 +44,6 @@ def _as_unit_float(v, BITS: tl.constexpr):
     """Bits [23-BITS, 23) of int32 ``v`` as the float ``1 + q / 2**BITS``."""
     mask: tl.constexpr = ((1 << BITS) - 1) << (23 - BITS)
     return ((v & mask) | _ONE_BITS).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _shift(v, by: tl.constexpr):
-    """``v << by`` for ``by >= 0``, else ``v >> -by`` (callers mask off sign-extended bits)."""
-    if by >= 0:
-        return v << by
-    else:
-        return v >> (-by)
 
 
 @triton.jit
@@ -132,74 +127,67 @@ def gemv_kernel(
     x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
     N, K, ZW,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """``y[0, n] = sum_k x[0, k] * W[n, k]`` for one row of activations. Grid: (cdiv(N, BLOCK_N), SPLIT_K)."""
+    """``y[0, n] = sum_k x[0, k] * W[n, k]`` for one row of activations. Grid: (cdiv(N, BLOCK_N), SPLIT_K).
+
+    CUDA-core FMAs into a ``(BLOCK_K, BLOCK_N)`` float32 accumulator, reduced over k once at the end.
+    """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    # A "unit" is one packed row (2/4/8 bits: 32/BITS consecutive k) or, for 3 bits, one
-    # block of 32 k held in three rows (low bits of k 0..15, of k 16..31, high bits).
-    PER_UNIT: tl.constexpr = 32 if BITS == 3 else 32 // BITS
-    UNITS: tl.constexpr = BLOCK_K // PER_UNIT
     ONE_GROUP: tl.constexpr = (GROUP_SIZE == -1) | (GROUP_SIZE % BLOCK_K == 0)
-    acc = tl.zeros([UNITS, BLOCK_N], tl.float32)
     first, last = _k_tiles(K, BLOCK_K, SPLIT_K, pid_k)
-    for tile in range(first, last):
-        unit = tile * UNITS + tl.arange(0, UNITS)
-        k_unit = unit * PER_UNIT  # first k of each unit
-        w_mask = (k_unit < K)[:, None] & n_ok[None, :]
-        if ONE_GROUP:
-            S, C = _scale_terms(s_ptr, qz_ptr, _group_of(tile * BLOCK_K, GROUP_SIZE), offs_n[None, :],
-                                n_ok[None, :], N, ZW, BITS, SYM)
-        else:
-            S, C = _scale_terms(s_ptr, qz_ptr, _group_of(k_unit, GROUP_SIZE)[:, None], offs_n[None, :],
-                                w_mask, N, ZW, BITS, SYM)
-        if BITS == 3:
-            base = qw_ptr + (unit * 3)[:, None] * N + offs_n[None, :]
-            lo0 = tl.load(base, mask=w_mask, other=0)
-            lo1 = tl.load(base + N, mask=w_mask, other=0)
-            hi = tl.load(base + 2 * N, mask=w_mask, other=0)
-            for t in tl.static_range(32):
-                lo = lo0 if t < 16 else lo1
-                v = (_shift(lo, 20 - 2 * (t % 16)) & (3 << 20)) | (_shift(hi, 22 - t) & (1 << 22))
-                xk = tl.load(x_ptr + k_unit + t, mask=k_unit + t < K, other=0.0).to(tl.float32)
-                acc += xk[:, None] * (_as_unit_float(v, 3) * S - C)
-        else:
-            w = tl.load(qw_ptr + unit[:, None] * N + offs_n[None, :], mask=w_mask, other=0)
-            for i in tl.static_range(PER_UNIT):
-                v = _shift(w, 23 - BITS - i * BITS)
-                xk = tl.load(x_ptr + k_unit + i, mask=k_unit + i < K, other=0.0).to(tl.float32)
-                acc += xk[:, None] * (_as_unit_float(v, BITS) * S - C)
+    acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
+    # tl.range pipelines the loads (cp.async), STAGES tiles in flight.
+    for tile in tl.range(first, last, num_stages=STAGES):
+        offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, tile, offs_n, K, N, ZW, BLOCK_K, BLOCK_N, BITS, GROUP_SIZE, SYM,
+                          ONE_GROUP)
+        acc += x[:, None] * w
     y = tl.sum(acc, axis=0)
     _epilogue(y[None, :], y_ptr, b_ptr, ws_ptr, lock_ptr, tl.zeros([1], tl.int32), offs_n, 1, N, pid_n, pid_k,
               HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, qz_ptr, offs_k, offs_n, k_first, K, N, ZW,
+def _dequant_tile(qw_ptr, s_ptr, qz_ptr, tile, offs_n, K, N, ZW, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                   BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYM: tl.constexpr, ONE_GROUP: tl.constexpr):
-    """Float32 weights ``W[k, n]`` of one ``(BLOCK_K, BLOCK_N)`` tile, k in natural order."""
+    """Float32 weights ``W[k, n]`` of K tile ``tile``, shape ``(BLOCK_K, BLOCK_N)``, k in natural order.
+
+    Each packed word is loaded once (a ``(units, 1, BLOCK_N)`` tile) and expanded in registers
+    to ``(units, codes per unit, BLOCK_N)``, which reshapes to k order (k = unit * P + i).
+    """
     n_ok = offs_n < N
-    mask = (offs_k < K)[:, None] & n_ok[None, :]
     if BITS == 3:
-        blk = offs_k // 32
-        t = offs_k % 32
-        lo = tl.load(qw_ptr + (blk * 3 + t // 16)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        hi = tl.load(qw_ptr + (blk * 3 + 2)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        code = ((lo >> (2 * (t % 16))[:, None]) & 3) | (((hi >> t[:, None]) & 1) << 2)
+        UNITS: tl.constexpr = BLOCK_K // 32
+        unit = tile * UNITS + tl.arange(0, UNITS)
+        k_unit = unit * 32
+        ok = (k_unit < K)[:, None, None] & n_ok[None, None, :]
+        row = qw_ptr + (unit * 3)[:, None, None] * N + offs_n[None, None, :]
+        lo = tl.load(row + tl.arange(0, 2)[None, :, None] * N, mask=ok, other=0)            # (U, 2, BN)
+        hi = tl.load(row + 2 * N, mask=ok, other=0)                                          # (U, 1, BN)
+        lo_codes = (lo[:, :, None, :] >> (2 * tl.arange(0, 16))[None, None, :, None]) & 3    # (U, 2, 16, BN)
+        hi_bits = (hi >> tl.arange(0, 32)[None, :, None]) & 1                                # (U, 32, BN)
+        code = tl.reshape(lo_codes, [UNITS, 32, BLOCK_N]) | (hi_bits << 2)
+        f = _as_unit_float(code << 20, 3)
     else:
-        bit = offs_k * BITS
-        w = tl.load(qw_ptr + (bit >> 5)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        code = (w >> (bit & 31)[:, None]) & ((1 << BITS) - 1)
+        PER_UNIT: tl.constexpr = 32 // BITS
+        UNITS: tl.constexpr = BLOCK_K // PER_UNIT
+        unit = tile * UNITS + tl.arange(0, UNITS)
+        k_unit = unit * PER_UNIT
+        ok = (k_unit < K)[:, None, None] & n_ok[None, None, :]
+        w = tl.load(qw_ptr + unit[:, None, None] * N + offs_n[None, None, :], mask=ok, other=0)  # (U, 1, BN)
+        code = (w >> (BITS * tl.arange(0, PER_UNIT))[None, :, None]) & ((1 << BITS) - 1)       # (U, P, BN)
+        f = _as_unit_float(code << (23 - BITS), BITS)
     if ONE_GROUP:
-        S, C = _scale_terms(s_ptr, qz_ptr, _group_of(k_first, GROUP_SIZE), offs_n[None, :], n_ok[None, :],
-                            N, ZW, BITS, SYM)
+        S, C = _scale_terms(s_ptr, qz_ptr, _group_of(tile * BLOCK_K, GROUP_SIZE), offs_n[None, None, :],
+                            n_ok[None, None, :], N, ZW, BITS, SYM)
     else:
-        S, C = _scale_terms(s_ptr, qz_ptr, _group_of(offs_k, GROUP_SIZE)[:, None], offs_n[None, :], mask,
-                            N, ZW, BITS, SYM)
-    return _as_unit_float(code << (23 - BITS), BITS) * S - C
+        S, C = _scale_terms(s_ptr, qz_ptr, _group_of(k_unit, GROUP_SIZE)[:, None, None], offs_n[None, None, :],
+                            ok, N, ZW, BITS, SYM)
+    return tl.reshape(f * S - C, [BLOCK_K, BLOCK_N])
 
 
 @triton.jit
@@ -236,8 +224,8 @@ def gemm_kernel(
         offs_k = tile * BLOCK_K + offs_kk
         a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :],
                     other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, offs_k, offs_n, tile * BLOCK_K, K, N, ZW,
-                          BITS, GROUP_SIZE, SYM, ONE_GROUP)
+        w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, tile, offs_n, K, N, ZW, BLOCK_K, BLOCK_N, BITS, GROUP_SIZE, SYM,
+                          ONE_GROUP)
         b = w.to(a.dtype)
         if DOT_F32:  # the same rounded operands, multiplied exactly in float32
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
@@ -251,32 +239,29 @@ def _cfg(num_warps: int, num_stages: int, **meta: int) -> dict:
     return {**meta, "num_warps": num_warps, "num_stages": num_stages}
 
 
-# Candidate configs per kernel kind, best guess first (the interpreter and CUDA-graph capture
-# without prior tuning use the first that fits). Small on purpose: each is compiled and timed
-# once per (shape, bits, group size, symmetry, dtype) on first use.
+# Candidate configs per kernel kind, best first (the interpreter, and CUDA-graph capture without
+# prior tuning, use the first). Chosen from a sweep of 190 configs on an H200 (docs/BENCHMARKS.md);
+# each is compiled and timed once per (shape, bits, group size, symmetry, dtype) on first use.
+# SPLIT_K=0: the launcher splits K until the grid holds about 4 programs per multiprocessor.
 CONFIGS: dict[str, list[dict]] = {
     "gemv": [
-        _cfg(4, 4, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1),
-        _cfg(4, 4, BLOCK_N=32, BLOCK_K=128, SPLIT_K=1),
-        _cfg(4, 4, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2),
-        _cfg(4, 3, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4),
-        _cfg(8, 4, BLOCK_N=64, BLOCK_K=256, SPLIT_K=2),
-        _cfg(4, 4, BLOCK_N=32, BLOCK_K=256, SPLIT_K=1),
+        _cfg(1, 3, BLOCK_N=64, BLOCK_K=64, SPLIT_K=0),
+        _cfg(2, 5, BLOCK_N=32, BLOCK_K=128, SPLIT_K=0),
+        _cfg(2, 3, BLOCK_N=128, BLOCK_K=64, SPLIT_K=0),
+        _cfg(1, 5, BLOCK_N=64, BLOCK_K=64, SPLIT_K=0),
+        _cfg(4, 5, BLOCK_N=64, BLOCK_K=64, SPLIT_K=0),
     ],
     "decode": [
-        _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=2, GROUP_M=1),
-        _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, GROUP_M=1),
-        _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=4, GROUP_M=1),
-        _cfg(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4, GROUP_M=1),
-        _cfg(4, 3, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=2, GROUP_M=1),
-        _cfg(8, 3, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, GROUP_M=1),
+        _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, SPLIT_K=0, GROUP_M=1),
+        _cfg(2, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, SPLIT_K=0, GROUP_M=1),
+        _cfg(2, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=0, GROUP_M=1),
+        _cfg(8, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, SPLIT_K=0, GROUP_M=1),
+        _cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=0, GROUP_M=1),
     ],
     "prefill": [
-        _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
-        _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
-        _cfg(8, 4, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
-        _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
+        _cfg(8, 4, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
+        _cfg(8, 3, BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
+        _cfg(4, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
         _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
-        _cfg(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
     ],
 }

@@ -103,17 +103,26 @@ def _locks(device: torch.device, count: int) -> torch.Tensor:
     return locks
 
 
+WAVES = 4
+_SMS: dict[torch.device, int] = {}
+
+
+def _auto_split(tiles: int, k_tiles: int, device: torch.device) -> int:
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    want = triton.cdiv(WAVES * _SMS[device], tiles)
+    return max(1, min(16, triton.next_power_of_2(want), k_tiles))
+
+
 def _launch(kind, cfg, x2, qweight, scales, qzeros, bias, y, bits, group_size):
     m, k = x2.shape
     n = qweight.shape[1]
     meta = dict(cfg)
+    tiles = triton.cdiv(n, meta["BLOCK_N"]) * (1 if kind == "gemv" else triton.cdiv(m, meta["BLOCK_M"]))
+    if not meta["SPLIT_K"]:  # 0: split K until the grid is about WAVES programs per multiprocessor
+        meta["SPLIT_K"] = _auto_split(tiles, triton.cdiv(k, meta["BLOCK_K"]), x2.device)
     split = meta["SPLIT_K"]
-    if kind == "gemv":
-        grid = (triton.cdiv(n, meta["BLOCK_N"]), split)
-        tiles = grid[0]
-    else:
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
-        grid = (tiles, split)
+    grid = (tiles, split)
     if split > 1:
         ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
         locks = _locks(x2.device, tiles)
@@ -123,7 +132,7 @@ def _launch(kind, cfg, x2, qweight, scales, qzeros, bias, y, bits, group_size):
     consts = dict(BITS=bits, GROUP_SIZE=group_size, SYM=qzeros is None, HAS_BIAS=bias is not None, **meta)
     zw = 0 if qzeros is None else qzeros.shape[1]
     if kind == "gemv":
-        gemv_kernel[grid](*args, n, k, zw, **consts)
+        gemv_kernel[grid](*args, n, k, zw, STAGES=meta["num_stages"], **consts)
     else:
         dot_f32 = triton_interpret() and x2.dtype == torch.bfloat16
         gemm_kernel[grid](*args, m, n, k, zw, DOT_F32=dot_f32, **consts)
