@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=0, help="tuning steps (8 x 256 random-token windows)")
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the random checkpoint")
     parser.add_argument("--max-shard-size", default="200MB",
-                        help="shard size of the quantized output: the writer holds one shard of packed tensors")
+                        help="shard size of the quantized output")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     parser.add_argument("--child", nargs=7, metavar="ARG", help=argparse.SUPPRESS)

@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/BIG_MODELS.md); not with --avg-bits")
     q.add_argument("--max-shard-size", default=None,
                    help="largest output safetensors file, e.g. 500MB or 5GB (None: transformers' default; 500MB "
-                        "with --low-memory, where one shard is buffered in memory)")
+                        "with --low-memory)")
     q.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="dtype the model loads in (auto: the checkpoint's)")
     q.add_argument("--seed", type=int, default=d["seed"], help="seeds window choice and tuning")

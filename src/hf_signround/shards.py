@@ -1,8 +1,13 @@
-"""Write a checkpoint's tensors into safetensors shards as they come, never holding it whole.
+"""Write a checkpoint's tensors into safetensors shards as they come, holding none of them.
+
+Each tensor's bytes go to disk the moment it is added (a temporary data file per shard);
+when a shard is full, its file is assembled as safetensors' layout (an 8-byte header
+length, the JSON header with every tensor's dtype, shape and byte range, then the data)
+by copying the data file behind the header. So writing a checkpoint costs no memory beyond
+the tensor being added, whatever ``max_shard_size`` is.
 
 Files follow transformers' naming: one ``model.safetensors``, or ``model-0000i-of-0000N.safetensors``
-plus ``model.safetensors.index.json`` when there is more than one shard. Shards are written
-under temporary names and renamed when the count is known.
+plus ``model.safetensors.index.json``.
 """
 
 from __future__ import annotations
@@ -10,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
+import struct
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +27,11 @@ __all__ = ["ShardWriter", "size_in_bytes"]
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
 
 
 def size_in_bytes(size: int | str) -> int:
@@ -34,7 +45,8 @@ def size_in_bytes(size: int | str) -> int:
 
 
 class ShardWriter:
-    """``add`` tensors in order; a shard is written once it would pass ``max_shard_size``; ``close`` names them.
+    """``add`` tensors in order; a new shard starts when the next tensor would pass ``max_shard_size``;
+    ``close`` gives the shards their final names and writes the index.
 
     Stale weight files of an earlier save in the folder are removed first: a leftover shard
     would otherwise be read alongside the new ones.
@@ -46,25 +58,43 @@ class ShardWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         for old in [*self.folder.glob("model*.safetensors"), self.folder / INDEX]:
             old.unlink(missing_ok=True)
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
         self.written: list[tuple[str, list[str]]] = []
         self.total_bytes = 0
+        self._header: dict[str, dict] = {}
+        self._data = None  # the open data file of the shard being filled
+        self._size = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.limit:
+        t = tensor.detach().to("cpu").contiguous()
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: safetensors cannot store {t.dtype}")
+        size = t.numel() * t.element_size()
+        if self._header and self._size + size > self.limit:
             self.flush()
-        self.pending[name] = tensor.detach().to("cpu").contiguous()
-        self.pending_bytes += size
+        if self._data is None:
+            self._data = open(self.folder / f".shard-{len(self.written):05d}.data.tmp", "wb")  # noqa: SIM115
+        self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self._size, self._size + size]}
+        self._size += size
         self.total_bytes += size
 
     def flush(self) -> None:
-        if self.pending:
-            name = f".shard-{len(self.written):05d}.tmp"
-            save_file(self.pending, str(self.folder / name), metadata={"format": "pt"})
-            self.written.append((name, list(self.pending)))
-            self.pending, self.pending_bytes = {}, 0
+        """Finish the shard being filled: header, then its data."""
+        if self._data is None:
+            return
+        self._data.close()
+        data = Path(self._data.name)
+        name = f".shard-{len(self.written):05d}.tmp"
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        with open(self.folder / name, "wb") as out, open(data, "rb") as src:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(src, out, 16 * 2**20)
+        data.unlink()
+        self.written.append((name, list(self._header)))
+        self._header, self._data, self._size = {}, None, 0
 
     def close(self) -> list[str]:
         """Write what is left, give the shards their final names; returns the files written."""

@@ -5,20 +5,22 @@ first block is quantized (transformers has no load-one-block hook), so its peak 
 the model's size. ``quantize_checkpoint`` reads the safetensors itself instead:
 
 1. the architecture is built on the meta device (no memory);
-2. the tensors outside the blocks (embeddings, final norm, lm_head) are read, and with
-   tuning the calibration windows run through the embeddings to the first block;
-   they are written out and dropped;
+2. with tuning, the tensors outside the blocks (embeddings, final norm, lm_head) are read
+   and the calibration windows run through the embeddings to the first block; then they
+   are dropped. They are copied to the output one tensor at a time, unchanged;
 3. for each block: its float tensors are read onto ``config.compute_device``, it is
    quantized exactly as ``quantize_model`` does (same functions, same results, bit for
-   bit), its packed tensors go to the shard writer and the block returns to meta.
+   bit), its packed tensors are written out (``shards.ShardWriter`` streams them to disk)
+   and the block returns to meta.
 
-Peak memory ≈ the tensors outside the blocks + one float block + the calibration
-activations (with tuning) + one shard of packed tensors (``max_shard_size``). The output is an
-ordinary hf_signround checkpoint: ``from_pretrained(out)`` reloads it.
+Peak memory ≈ one float block and its quantization temporaries + the calibration
+activations (with tuning; the embeddings too while the windows go through them). The
+output is an ordinary hf_signround checkpoint: ``from_pretrained(out)`` reloads it.
 
-Limits: the checkpoint's tensor names must be the model's (true of Llama, Mistral, Qwen2,
-Phi, GPT-NeoX, ...; not of checkpoints transformers renames while loading), and ``avg_bits``
-needs the whole-model sensitivity pass, so it is not supported here yet.
+Limits: checkpoint tensor names are mapped to the model's by transformers' renaming rules,
+but checkpoints whose tensors transformers merges or splits while loading (fused MoE
+experts) are refused; ``avg_bits`` needs the whole-model sensitivity pass, so it is not
+supported here yet. Both errors point to ``from_pretrained(..., device_map="auto")``.
 """
 
 from __future__ import annotations
@@ -187,16 +189,20 @@ def quantize_checkpoint(
     writer = ShardWriter(out, max_shard_size)
     device = config.compute_device
     fp_in = q_in = call = None
-    outside = _read_outside(model, source, prefix)
-    if calibration is not None:
+    outside = [k for k in model.state_dict() if not k.startswith(prefix + ".")]
+    if calibration is not None:  # the embeddings run the windows up to the first block, then go
+        _read_outside(model, source, outside)
         hidden, args, kwargs = capture_block_inputs(model, blocks, calibration)
         fp_in = q_in = hidden.to(device)
         call = BlockCall(*to_device((args, kwargs), device))
-    for key, tensor in _stored_names(model, outside).items():
-        writer.add(key, tensor)
-    # Written, and no longer needed (the head never runs): back to meta, tied twins included.
-    _to_meta(model, [k for k in model.state_dict() if not k.startswith(prefix + ".")])
-    del outside
+        _to_meta(model, outside)
+    # Unchanged by quantization: copied one tensor at a time, under the checkpoint's own names
+    # (an output embedding tied to the input one is absent there and stays absent).
+    state = model.state_dict()
+    for key in (k for k in outside if k in source.files):
+        tensor = source.read([key])[key]
+        writer.add(source.files[key][1], tensor.to(state[key].dtype) if tensor.is_floating_point() else tensor)
+    del state
 
     scale_dtype = getattr(torch, config.scale_dtype)
     reports = {}
@@ -259,22 +265,13 @@ def _to_meta(root: nn.Module, keys: list[str]) -> None:
             module._buffers[name] = module._buffers[name].to("meta")
 
 
-def _read_outside(model: nn.Module, source: _Checkpoint, prefix: str) -> dict[str, torch.Tensor]:
-    """Load the tensors outside the blocks into the model (on CPU); returns the ones to write.
-
-    A tied output embedding is absent from the checkpoint: it is tied again, and not written.
-    """
-    keys = [k for k in model.state_dict() if not k.startswith(prefix + ".")]
-    present = [k for k in keys if k in source.files]
-    _assign(model, source.read(present), torch.device("cpu"))
+def _read_outside(model: nn.Module, source: _Checkpoint, keys: list[str]) -> None:
+    """Load the tensors outside the blocks into the model (on CPU), tying a tied output embedding."""
+    _assign(model, source.read([k for k in keys if k in source.files]), torch.device("cpu"))
     model.tie_weights()
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix + ".")}
-    absent = [k for k, v in state.items() if v.device.type == "meta"]
+    absent = [k for k, v in model.state_dict().items() if k in keys and v.device.type == "meta"]
     if absent:
         raise ValueError(f"the checkpoint lacks {absent[:3]} (and nothing ties them): it does not match its config.json")
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    return remove_tied_weights_from_state_dict(state, model)
 
 
 def _copy_generation_config(source: Path, out: Path) -> None:
