@@ -69,7 +69,6 @@ def gptq_layer_tensors(layer: QuantLinear) -> tuple[dict[str, torch.Tensor], dic
     """
     k, n, bits, maxq = layer.in_features, layer.out_features, layer.bits, 2**layer.bits - 1
     _check_shape(layer)
-    codes = unpack_qweight_kmajor(layer.qweight, bits, k)  # (N, K)
     scales = layer.scales.float()  # (G, N)
     if layer.sym:
         zeros = torch.full_like(scales, float(2 ** (bits - 1)))
@@ -85,18 +84,22 @@ def gptq_layer_tensors(layer: QuantLinear) -> tuple[dict[str, torch.Tensor], dic
     g_idx = torch.zeros(k, dtype=torch.int32) if group == -1 else torch.arange(k, dtype=torch.int32) // group
 
     mirror = zeros == 0  # (G, N); only possible when asymmetric
-    if mirror.any():
-        scales = torch.where(mirror, -scales, scales)
-        zeros = torch.where(mirror, float(maxq), zeros)
-        flip = mirror[g_idx.long()].T  # (N, K)
-        codes = torch.where(flip, maxq - codes, codes)
+    if bits != 3 and not mirror.any():
+        qweight = layer.qweight.detach().clone()  # 2/4/8 bits, K % 32 == 0: GPTQ's words are ours
+    else:
+        codes = unpack_qweight_kmajor(layer.qweight, bits, k)  # (N, K)
+        if mirror.any():
+            scales = torch.where(mirror, -scales, scales)
+            zeros = torch.where(mirror, float(maxq), zeros)
+            codes = torch.where(mirror[g_idx.long()].T, maxq - codes, codes)
+        qweight = pack_gptq_kmajor(codes, bits)
 
     half = scales.to(torch.float16)
     if not torch.equal(half.float(), scales):
         logger.warning("scales are stored as %s; GPTQ keeps float16, so they are rounded (outputs change slightly)",
                        layer.scales.dtype)
     tensors = {
-        "qweight": pack_gptq_kmajor(codes, bits),
+        "qweight": qweight,
         "qzeros": pack_gptq_bitstream((zeros - 1).to(torch.int64), bits),  # (G, N·bits/32), v1: zero − 1
         "scales": half.contiguous(),
         "g_idx": g_idx,
