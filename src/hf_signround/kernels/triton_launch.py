@@ -11,6 +11,7 @@ candidate that fits is used instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -205,10 +206,9 @@ def quant_linear(
         raise ValueError(f"the gemv kernel takes one row of activations, got {m}")
     if kind not in CONFIGS:
         raise ValueError(f"kernel={kind!r} is not one of {sorted(CONFIGS)}")
-    cfg = config or _choose(kind, x2, qweight, scales, qzeros, bias, y, bits, group_size)
-    if x2.is_cuda and x2.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x2.device):  # Triton launches on the current device
-            _launch(kind, cfg, x2, qweight, scales, qzeros, bias, y, bits, group_size)
-    else:
+    # Triton launches (and times candidates) on the current device.
+    other_gpu = x2.is_cuda and x2.device.index != torch.cuda.current_device()
+    with torch.cuda.device(x2.device) if other_gpu else contextlib.nullcontext():
+        cfg = config or _choose(kind, x2, qweight, scales, qzeros, bias, y, bits, group_size)
         _launch(kind, cfg, x2, qweight, scales, qzeros, bias, y, bits, group_size)
     return y.reshape(*x.shape[:-1], n)
