@@ -196,3 +196,19 @@ def test_low_memory_quantize_writes_the_same_checkpoint(llama_dir, tmp_path, cap
 def test_low_memory_errors(llama_dir, tmp_path, capsys, extra, message):
     assert main(["-q", "quantize", str(llama_dir), str(tmp_path / "o"), "--iters", "0", "--low-memory", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_eval_reads_a_gptq_export_through_auto_round(llama_dir, corpus_file, tmp_path, capsys):
+    pytest.importorskip("auto_round", reason="GPTQ checkpoints are evaluated through auto-round on CPU")
+    model = AutoModelForCausalLM.from_pretrained(
+        llama_dir, quantization_config=SignRoundV2Config(bits=4, group_size=32, sym=True, iters=0))
+    model.save_pretrained(tmp_path / "ours")
+    export_gptq(model, tmp_path / "gptq")
+    for folder in ("ours", "gptq"):
+        AutoTokenizer.from_pretrained(llama_dir).save_pretrained(tmp_path / folder)
+    args = ["--dataset", str(corpus_file), "--windows", "4", "--seqlen", "32", "--max-new-tokens", "0", "--json"]
+    ppl = {}
+    for folder in ("ours", "gptq"):
+        assert main(["-q", "eval", str(tmp_path / folder), *args]) == 0
+        ppl[folder] = json.loads(capsys.readouterr().out)["perplexity"]
+    assert math.isclose(ppl["gptq"], ppl["ours"], rel_tol=1e-3), ppl  # auto-round computes in float16

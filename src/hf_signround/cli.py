@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -225,7 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot load a tokenizer from {source} ({err}): evaluation needs one", EXIT_INPUT) from err
         load: dict[str, Any] = {"device_map": args.device} if args.device else {}
         if _quant_method(source) == "gptq":
-            load["quantization_config"] = _gptq_loader()
+            load["quantization_config"] = _gptq_loader(Path(source))
         model = _load_model(source, **load)
     from .calibration import load_texts
 
@@ -300,14 +301,20 @@ def _quant_method(source: str) -> str | None:
     return (_read_config(path).get("quantization_config") or {}).get("quant_method")
 
 
-def _gptq_loader():
+def _gptq_loader(folder: Path):
+    """auto-round's loader for a GPTQ checkpoint on CPU: its torch kernel (symmetric), or auto-round-lib's."""
     try:
         import auto_round  # noqa: F401 - the loader behind AutoRoundConfig
         from transformers import AutoRoundConfig
     except ImportError as err:
         raise CLIError("MODEL is a GPTQ checkpoint: evaluating it on CPU needs auto-round "
-                       "(pip install 'hf-signround[test]' or pip install auto-round)", EXIT_INPUT) from err
-    return AutoRoundConfig(backend="auto")
+                       "(pip install auto-round)", EXIT_INPUT) from err
+    qc = _read_config(folder)["quantization_config"]
+    asym = not qc.get("sym", True) or any(not r.get("sym", True) for r in (qc.get("dynamic") or {}).values())
+    if asym and importlib.util.find_spec("auto_round_kernel") is None:
+        raise CLIError("MODEL is an asymmetric GPTQ checkpoint: auto-round runs those on CPU only with "
+                       "auto-round-lib (pip install auto-round-lib; x86-64 Linux)", EXIT_INPUT)
+    return AutoRoundConfig(backend="auto" if asym else "auto_round:torch_zp")
 
 
 def _tensor_headers(folder: Path) -> dict[str, tuple[tuple[int, ...], int]]:
