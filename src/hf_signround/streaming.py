@@ -77,18 +77,45 @@ class _Checkpoint:
             self.files[rename(key)] = (path, key)
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = defaultdict(list)
         for key in keys:
             by_file[self.files[key][0]].append(key)
         out = {}
         for path, names in by_file.items():
-            # Copied out and the file closed at once: a tensor still backed by the file would
-            # keep the whole mapping, and every page read from it, resident.
-            with safe_open(str(path), "pt", device="cpu") as handle:
-                out.update({name: handle.get_tensor(self.files[name][1]).clone() for name in names})
+            with open(path, "rb") as f:
+                header = _header(f)
+                out.update({name: _read_tensor(f, header, self.files[name][1]) for name in names})
         return out
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(f) -> dict:
+    """A safetensors file's header, with each tensor's absolute byte offset under ``"start"``."""
+    size = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(size))
+    for entry in header.values():
+        if isinstance(entry, dict) and "data_offsets" in entry:
+            entry["start"] = 8 + size + entry["data_offsets"][0]
+    return header
+
+
+def _read_tensor(f, header: dict, name: str) -> torch.Tensor:
+    """Read one tensor straight into fresh memory. Not safetensors' memory map: the pages it
+    touches would stay resident (and counted) while any tensor from the file lives, and a
+    copy out of it needs the memory twice."""
+    entry = header[name]
+    if entry["dtype"] not in _DTYPES:
+        raise ValueError(f"{name} has dtype {entry['dtype']}, which the streaming quantizer does not read")
+    begin, end = entry["data_offsets"]
+    data = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(entry["start"])
+    if f.readinto(memoryview(data.numpy())) != end - begin:
+        raise ValueError(f"{name} is truncated in {f.name}: the checkpoint file is incomplete")
+    return data.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 def _stored_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
