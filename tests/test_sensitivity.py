@@ -18,18 +18,20 @@ def ids():
     return torch.randint(3, 64, (6, 24), generator=torch.Generator().manual_seed(0))
 
 
-def autograd_estimate(model, spec, ids, batch_size):
-    """Σ_batches Σ |∂L/∂Q(W) ⊙ (W − Q(W))| with every layer at ``spec``, by plain autograd."""
+def autograd_estimate(model, spec, ids, batch_size, at=None):
+    """Σ_batches Σ |∂L/∂Q(W) ⊙ (W − Q(W))| with every layer at ``spec`` by plain autograd; with
+    ``at``, the gradient is taken with every layer at ``at`` instead."""
     layers = quantizable_layers(model, [])
     w = {n: m.weight.detach() for n, m in layers.items()}
-    q = {n: fake_quantize(w[n], spec, scale_dtype=torch.float16).requires_grad_() for n in layers}
+    q = {n: fake_quantize(w[n], at or spec, scale_dtype=torch.float16).requires_grad_() for n in layers}
+    diff = {n: w[n] - fake_quantize(w[n], spec, scale_dtype=torch.float16) for n in layers}
     out = dict.fromkeys(layers, 0.0)
     for start in range(0, len(ids), batch_size):
         batch = ids[start : start + batch_size]
         loss = torch.func.functional_call(model, {f"{n}.weight": t for n, t in q.items()},
                                           kwargs={"input_ids": batch, "labels": batch, "use_cache": False}).loss
         for n, g in zip(q, torch.autograd.grad(loss, list(q.values()))):
-            out[n] += float((g * (w[n] - q[n].detach())).abs().sum())
+            out[n] += float((g * diff[n]).abs().sum())
     return out
 
 
@@ -53,6 +55,19 @@ def test_delta_loss_equals_the_autograd_first_order_estimate(arch, by_blocks, id
     assert all(layers[n].weight is weights[n] for n in layers)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("by_blocks", [False, True])
+def test_anchored_delta_loss_takes_one_gradient_for_every_option(by_blocks, ids):
+    model = tiny_llama()
+    layers = quantizable_layers(model, [])
+    anchor = QuantSpec(8, 16, True)
+    scores = delta_loss_scores(model, layers, OPTIONS, ids, batch_size=4, scale_dtype=torch.float16, device=CPU,
+                               by_blocks=by_blocks, anchor=anchor)
+    for o, spec in enumerate(OPTIONS):
+        expected = autograd_estimate(model, spec, ids, batch_size=4, at=anchor)
+        for name in layers:
+            assert scores[name][o] == pytest.approx(expected[name], rel=1e-4), (name, spec)
 
 
 def test_offloaded_model_scores_block_by_block_like_resident(ids, tmp_path):

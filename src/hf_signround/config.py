@@ -21,7 +21,7 @@ QUANT_METHOD = "signround_v2"
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
-SENSITIVITY_METHODS = ("deltaloss", "weight_error")
+SENSITIVITY_METHODS = ("deltaloss", "deltaloss_anchored", "weight_error")
 DEFAULT_BIT_OPTIONS = ((2, 64), (3, 128), (4, 128), (8, 128))
 _LAYER_KEYS = ("bits", "group_size", "sym")
 # Keys written by `to_dict` that are bookkeeping rather than constructor knobs.
@@ -110,8 +110,11 @@ class SignRoundV2Config(QuantizationConfigMixin):
         bit_options: candidate ``(bits, group_size)`` pairs for ``avg_bits``; ``sym`` comes from
             the config. None means ``[(2, 64), (3, 128), (4, 128), (8, 128)]``.
         sensitivity_method: how layers are scored for ``avg_bits``: ``"deltaloss"`` (spec §1, one
-            forward+backward per option on calibration windows) or ``"weight_error"``
-            (``‖W - Q(W)‖²``, no data; a baseline).
+            forward+backward per option on calibration windows, the gradient taken with every
+            layer at that option), ``"deltaloss_anchored"`` (one forward+backward in all, the
+            gradient taken with every layer at the dearest option and shared by every
+            option's ``Σ|g ⊙ (W − Q(W))|``), or ``"weight_error"`` (``‖W - Q(W)‖²``, no data;
+            a baseline).
         sensitivity_nsamples: calibration windows the DeltaLoss scoring runs on.
         sensitivity_seqlen: tokens per scoring window.
         tie_fused: give layers that read the same input (q/k/v of one attention, gate/up of one
@@ -279,7 +282,7 @@ class SignRoundV2Config(QuantizationConfigMixin):
     @property
     def scores_on_data(self) -> bool:
         """Whether the bit allocation runs DeltaLoss on calibration windows."""
-        return self.avg_bits is not None and self.sensitivity_method == "deltaloss"
+        return self.avg_bits is not None and self.sensitivity_method.startswith("deltaloss")
 
     @property
     def needs_calibration(self) -> bool:

@@ -18,7 +18,7 @@ from .blocks import block_on, capture_block_inputs, find_blocks, quantizable_lay
 from .config import SignRoundV2Config
 from .qfunc import QuantSpec, quantize_rtn
 from .qlinear import QuantLinear, set_backend
-from .allocation import allocate, check_budget
+from .allocation import allocate, check_budget, layer_bits
 from .scale_search import search_factors
 from .sensitivity import delta_loss_scores, shared_input_groups, weight_error_scores
 from .tuning import BlockCall, TunableLinear, TuneSettings, fast_bf16, mse_and_outputs, tune_block
@@ -132,11 +132,14 @@ def _allocate(model: nn.Module, plan: dict[str, QuantSpec], config: SignRoundV2C
     else:
         if scoring is None:
             raise ValueError(
-                "avg_bits with sensitivity_method='deltaloss' scores layers on calibration data: pass dataset= "
+                f"avg_bits with sensitivity_method={config.sensitivity_method!r} scores layers on calibration data: pass dataset= "
                 "(and tokenizer=) in the config, or sensitivity_method='weight_error' for a data-free allocation"
             )
+        anchor = None
+        if config.sensitivity_method == "deltaloss_anchored":  # the dearest option: nearest full precision
+            anchor = max(options, key=lambda o: sum(layer_bits(*shapes[n], o, scale_bits) for n in layers))
         scores = delta_loss_scores(model, layers, options, scoring, batch_size=config.batch_size,
-                                   scale_dtype=scale_dtype, device=config.compute_device)
+                                   scale_dtype=scale_dtype, device=config.compute_device, anchor=anchor)
     alloc = allocate(shapes, scores, units, options, config.avg_bits, scale_bits, pinned, config.sensitivity_method)
     logger.info("sensitivity and chosen bits:\n%s", alloc.table())
     config.realized_avg_bits = round(alloc.realized, 6)

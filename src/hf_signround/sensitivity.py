@@ -58,6 +58,7 @@ def delta_loss_scores(
     scale_dtype: torch.dtype,
     device: torch.device,
     by_blocks: bool | None = None,
+    anchor: QuantSpec | None = None,
 ) -> Scores:
     """DeltaLoss of every layer in ``layers`` (full names in ``model``) at every option.
 
@@ -65,29 +66,48 @@ def delta_loss_scores(
         input_ids: scoring windows (n, seqlen); batches of ``batch_size`` windows.
         by_blocks: force the block-by-block path (True) or the whole-model path (False);
             None picks the whole model when it already sits on ``device`` un-offloaded.
+        anchor: None (spec §1): one forward+backward per option, the gradient taken with
+            every layer at that option. An option: one forward+backward in all, with every
+            layer at ``anchor``; each option scores ``Σ|g ⊙ (W − Q_option(W))|`` with that
+            one gradient, so no option is judged inside a model broken by quantizing every
+            layer to its lowest bit-width at once.
     """
     if by_blocks is None:
         by_blocks = not _resident_on(model, device)
     scores: Scores = {name: [0.0] * len(options) for name in layers}
     batches = [input_ids[i : i + batch_size] for i in range(0, len(input_ids), batch_size)]
+    score = _score_by_blocks if by_blocks else _score_whole_model
+    passes = [(anchor, _all_options(scores, options, scale_dtype))] if anchor is not None else [
+        (spec, _one_option(scores, o)) for o, spec in enumerate(options)]
     grad_flags = {p: p.requires_grad for p in model.parameters()}
     model.requires_grad_(False)
     try:
         with torch.enable_grad():
-            for o, spec in enumerate(tqdm(options, desc="DeltaLoss", unit="option")):
-                score = _score_by_blocks if by_blocks else _score_whole_model
-                score(model, layers, spec, batches, scale_dtype, device, _adder(scores, o))
-                logger.info("DeltaLoss W%dG%d: total %.4g", spec.bits, spec.group_size, sum(s[o] for s in scores.values()))
+            for spec, on_grad in tqdm(passes, desc="DeltaLoss", unit="pass"):
+                score(model, layers, spec, batches, scale_dtype, device, on_grad)
     finally:
         for p, flag in grad_flags.items():
             p.requires_grad_(flag)
+    for o, spec in enumerate(options):
+        logger.info("DeltaLoss W%dG%d: total %.4g", spec.bits, spec.group_size, sum(s[o] for s in scores.values()))
     return scores
 
 
-def _adder(scores: Scores, o: int) -> Callable[[str, float], None]:
-    def add(name: str, value: float) -> None:
-        scores[name][o] += value
-    return add
+OnGrad = Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], None]  # (name, W, Q(W), ∂L/∂Q(W))
+
+
+def _one_option(scores: Scores, o: int) -> OnGrad:
+    def on_grad(name: str, w: torch.Tensor, q: torch.Tensor, g: torch.Tensor) -> None:
+        scores[name][o] += float((g.float() * (w.float() - q.float())).abs().sum())
+    return on_grad
+
+
+def _all_options(scores: Scores, options: list[QuantSpec], scale_dtype: torch.dtype) -> OnGrad:
+    def on_grad(name: str, w: torch.Tensor, q: torch.Tensor, g: torch.Tensor) -> None:
+        g, w = g.float(), w.float()
+        for o, spec in enumerate(options):
+            scores[name][o] += float((g * (w - fake_quantize(w, spec, scale_dtype=scale_dtype))).abs().sum())
+    return on_grad
 
 
 def _resident_on(model: nn.Module, device: torch.device) -> bool:
@@ -104,16 +124,17 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 @contextmanager
 def _quantized_leaves(layers: dict[str, nn.Linear], spec: QuantSpec, scale_dtype: torch.dtype,
-                      add: Callable[[str, float], None]) -> Iterator[None]:
+                      on_grad: OnGrad | None) -> Iterator[None]:
     """Swap each layer's weight for ``Q(W)`` as a leaf that needs a gradient; every time a
-    gradient lands on it, add ``Σ|g ⊙ (W − Q(W))|`` to the layer's score and drop the gradient."""
+    gradient lands on it, hand it to ``on_grad`` (which scores it) and drop it."""
     originals = {}
     try:
         for name, layer in layers.items():
             w = layer.weight
             originals[name] = w
             q = nn.Parameter(fake_quantize(w.detach(), spec, scale_dtype=scale_dtype).to(w.dtype), requires_grad=True)
-            q.register_post_accumulate_grad_hook(_scorer(name, w, add))
+            if on_grad is not None:
+                q.register_post_accumulate_grad_hook(_scorer(name, w, on_grad))
             layer.weight = q
         yield
     finally:
@@ -121,21 +142,21 @@ def _quantized_leaves(layers: dict[str, nn.Linear], spec: QuantSpec, scale_dtype
             layers[name].weight = w
 
 
-def _scorer(name: str, w: torch.Tensor, add: Callable[[str, float], None]):
+def _scorer(name: str, w: torch.Tensor, on_grad: OnGrad):
     def hook(q: torch.Tensor) -> None:
-        add(name, float((q.grad.float() * (w.detach().float() - q.detach().float())).abs().sum()))
+        on_grad(name, w.detach(), q.detach(), q.grad)
         q.grad = None
     return hook
 
 
-def _score_whole_model(model, layers, spec, batches, scale_dtype, device, add) -> None:
-    with _quantized_leaves(layers, spec, scale_dtype, add):
+def _score_whole_model(model, layers, spec, batches, scale_dtype, device, on_grad) -> None:
+    with _quantized_leaves(layers, spec, scale_dtype, on_grad):
         for batch in batches:
             batch = batch.to(device)
             model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
 
 
-def _score_by_blocks(model, layers, spec, batches, scale_dtype, device, add) -> None:
+def _score_by_blocks(model, layers, spec, batches, scale_dtype, device, on_grad) -> None:
     prefix, blocks = find_blocks(model)
     per_block: dict[int, dict[str, nn.Linear]] = {}
     for name, layer in layers.items():
@@ -151,7 +172,7 @@ def _score_by_blocks(model, layers, spec, batches, scale_dtype, device, add) -> 
     with torch.no_grad():
         for index, block in enumerate(blocks):
             inputs.append(hidden)
-            with block_on(block, device), _quantized_leaves(per_block.get(index, {}), spec, scale_dtype, _ignore):
+            with block_on(block, device), _quantized_leaves(per_block.get(index, {}), spec, scale_dtype, None):
                 if index == len(blocks) - 1:
                     tuple_out = isinstance(block(hidden[:1], *call.args, **call.kwargs), (tuple, list))
                 hidden = torch.cat([call(block, h) for h in hidden.split(sizes)])
@@ -162,7 +183,7 @@ def _score_by_blocks(model, layers, spec, batches, scale_dtype, device, add) -> 
 
     # Backward, last block first: recompute the block from its saved input, score, pass the gradient down.
     for index in reversed(range(len(blocks))):
-        with block_on(blocks[index], device) as block, _quantized_leaves(per_block.get(index, {}), spec, scale_dtype, add):
+        with block_on(blocks[index], device) as block, _quantized_leaves(per_block.get(index, {}), spec, scale_dtype, on_grad):
             new_grads = []
             for h, g in zip(inputs[index].split(sizes), grads):
                 x = h.detach().requires_grad_(index > 0)
@@ -204,10 +225,6 @@ class _Emit(nn.Module):
 
     def forward(self, *args, **kwargs):
         return (self.hidden,) if self.as_tuple else self.hidden
-
-
-def _ignore(name: str, value: float) -> None:
-    pass
 
 
 @torch.no_grad()
