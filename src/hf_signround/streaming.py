@@ -229,6 +229,8 @@ def quantize_checkpoint(
     for key in (k for k in outside if k in source.files):
         tensor = source.read([key])[key]
         writer.add(source.files[key][1], tensor.to(state[key].dtype) if tensor.is_floating_point() else tensor)
+        del tensor
+        _return_freed_memory()
     del state
 
     scale_dtype = getattr(torch, config.scale_dtype)
