@@ -9,9 +9,9 @@ that the average bits per weight, scales and zero points included, stay within t
 (spec §2). Written next to the checkpoint: ``sensitivity.json`` (scores and choices per
 layer) and ``bits.png`` (chosen bits by depth, one line per layer type; needs matplotlib:
 ``pip install 'hf-signround[plot]'``). The defaults (round-to-nearest between 4 and 8 bits)
-take a few minutes on 2 CPU cores (measured: realised 4.498 bits, held-out perplexity 14.62 on
-8 x 512 tokens vs 12.64 in float and 17.3 for uniform W4G128); 2- and 3-bit options need tuning (``--iters 50``, about
-ten minutes more) to be usable: rounded to nearest, W2 layers wreck the model.
+take a few minutes on 2 CPU cores (measured: realised 4.498 bits, perplexity 14.62 on these
+8 x 512 held-out tokens). 2- and 3-bit options need tuning (``--iters 50``, about ten minutes
+more) to be usable: rounded to nearest, W2 layers wreck the model.
 """
 
 import argparse
