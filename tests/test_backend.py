@@ -18,6 +18,8 @@ needs_triton = pytest.mark.skipif(not triton_installed(), reason="Triton is not 
 # Where the Triton path runs in this session: the GPU, or Triton's CPU interpreter (conftest sets
 # TRITON_INTERPRET=1 when there is no GPU).
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+runs_triton = pytest.mark.skipif(DEVICE == "cpu" and not backend_mod.triton_interpret(),
+                                 reason="needs a GPU or TRITON_INTERPRET=1")
 
 
 def _layer(backend: str = "auto", bits: int = 4, group_size: int = 32, dtype=torch.float16, k: int = 96,
@@ -58,13 +60,12 @@ def test_explicit_triton_without_triton_raises(monkeypatch) -> None:
 
 
 @needs_triton
+@runs_triton
 @pytest.mark.parametrize("group_size,dtype,match", [(16, torch.float16, "multiple of 32"),
                                                     (32, torch.float32, "float16 or bfloat16")])
 def test_explicit_triton_on_unsupported_layer_raises(group_size, dtype, match) -> None:
     layer = _layer("triton", group_size=group_size, dtype=dtype).to(DEVICE)
     x = torch.randn(1, 96, dtype=dtype, device=DEVICE)
-    if DEVICE == "cpu" and not backend_mod.triton_interpret():
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     with pytest.raises(RuntimeError, match=match):
         layer(x)
     assert select_backend("auto", x, 4, group_size) == "torch"
@@ -116,9 +117,8 @@ def test_compile_fullgraph_torch_backend_matches_eager() -> None:
 
 
 @needs_triton
+@runs_triton
 def test_compile_fullgraph_triton_backend_matches_eager() -> None:
-    if DEVICE == "cpu" and not backend_mod.triton_interpret():
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     layer = _layer("triton").to(DEVICE)
     x = torch.randn(3, 96, dtype=torch.float16, device=DEVICE)
     eager = layer(x)
@@ -128,9 +128,8 @@ def test_compile_fullgraph_triton_backend_matches_eager() -> None:
 
 
 @needs_triton
+@runs_triton
 def test_custom_op_passes_opcheck() -> None:
-    if DEVICE == "cpu" and not backend_mod.triton_interpret():
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     layer = _layer("triton").to(DEVICE)
     x = torch.randn(2, 96, dtype=torch.float16, device=DEVICE)
     args = (x, layer.qweight, layer.scales, layer.qzeros, layer.bias, 4, 32, 96)
@@ -139,9 +138,8 @@ def test_custom_op_passes_opcheck() -> None:
 
 
 @needs_triton
+@runs_triton
 def test_model_forward_triton_matches_torch() -> None:
-    if DEVICE == "cpu" and not backend_mod.triton_interpret():
-        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
     model = tiny_llama().to(torch.float16)
     quantize_model(model, SignRoundV2Config(bits=3, group_size=32, iters=0, backend="triton"))
     model.to(DEVICE)

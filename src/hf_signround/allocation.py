@@ -39,6 +39,17 @@ def layer_bits(out_features: int, in_features: int, spec: QuantSpec, scale_bits:
     return bits
 
 
+def unit_costs(shapes: dict[str, tuple[int, int]], units: list[list[str]], options: list[QuantSpec],
+               scale_bits: int) -> np.ndarray:
+    """int64 (units, options): the storage bits of every unit at every option."""
+    return np.array([[sum(layer_bits(*shapes[m], o, scale_bits) for m in unit) for o in options] for unit in units],
+                    dtype=np.int64).reshape(len(units), len(options))
+
+
+def _pinned_bits(shapes: dict[str, tuple[int, int]], pinned: dict[str, QuantSpec], scale_bits: int) -> int:
+    return sum(layer_bits(*shapes[m], s, scale_bits) for m, s in pinned.items())
+
+
 def solve(costs: np.ndarray, scores: np.ndarray, budget: int) -> list[int]:
     """The option per unit minimising ``Σ scores`` with ``Σ costs ≤ budget`` (exact).
 
@@ -188,10 +199,11 @@ def allocate(
         pinned: layers whose spec the user fixed; their bits count against the budget.
     """
     pinned = pinned or {}
-    check_budget(shapes, units, options, avg_bits, scale_bits, pinned)
+    costs = unit_costs(shapes, units, options, scale_bits)
+    fixed = _pinned_bits(shapes, pinned, scale_bits)
+    _check_range(costs, fixed, shapes, options, avg_bits)
     params = sum(n * k for n, k in shapes.values())
-    budget = int(np.floor(avg_bits * params)) - sum(layer_bits(*shapes[m], s, scale_bits) for m, s in pinned.items())
-    costs = np.array([[sum(layer_bits(*shapes[m], o, scale_bits) for m in unit) for o in options] for unit in units])
+    budget = int(np.floor(avg_bits * params)) - fixed
     unit_scores = np.array([[sum(scores[m][i] for m in unit) for i in range(len(options))] for unit in units])
     choice = solve(costs, unit_scores, budget)
     specs = dict(pinned)
@@ -203,22 +215,29 @@ def allocate(
     realized = sum(bits.values()) / params
     alloc = Allocation(options, dict(shapes), {m: scores[m] for u in units for m in u}, specs, units,
                        avg_bits, realized, scale_bits, method, bits)
-    step = int(costs.max(1).min() - costs.min(1).min()) if len(options) > 1 else 0
     logger.info("bit allocation (%s): target %.4f, realised %.4f bits/weight over %d layers in %d units",
                 method, avg_bits, realized, len(specs), len(units))
-    if (avg_bits - realized) * params > step > 0:
-        logger.info("the realised average is more than one unit's step below the target: "
-                    "dearer options would not lower the summed score")
+    # The cheapest move to a dearer option any unit could still make: a slack wider than it
+    # means the scores, not the budget, stopped the allocation.
+    chosen = costs[np.arange(len(units)), choice]
+    dearer = np.where(costs > chosen[:, None], costs - chosen[:, None], np.iinfo(np.int64).max)
+    slack = budget - int(chosen.sum())
+    if dearer.size and slack >= dearer.min():
+        logger.info("%d bits of the budget are left although a unit could move to a dearer option within them: "
+                    "dearer options would not lower the summed score", slack)
     return alloc
 
 
 def check_budget(shapes, units, options, avg_bits, scale_bits, pinned) -> None:
     """Raise unless ``avg_bits`` lies between the cheapest and the dearest realisable average."""
+    _check_range(unit_costs(shapes, units, options, scale_bits), _pinned_bits(shapes, pinned, scale_bits), shapes,
+                 options, avg_bits)
+
+
+def _check_range(costs: np.ndarray, fixed: int, shapes, options, avg_bits) -> None:
     params = sum(n * k for n, k in shapes.values())
-    fixed = sum(layer_bits(*shapes[m], s, scale_bits) for m, s in pinned.items())
-    per_unit = [[sum(layer_bits(*shapes[m], o, scale_bits) for m in unit) for o in options] for unit in units]
-    low = (fixed + sum(min(c) for c in per_unit)) / params
-    high = (fixed + sum(max(c) for c in per_unit)) / params
+    low = (fixed + int(costs.min(1).sum())) / params
+    high = (fixed + int(costs.max(1).sum())) / params
     names = ", ".join(f"({o.bits}, {o.group_size})" for o in options)
     if avg_bits < low:
         raise ValueError(

@@ -18,7 +18,7 @@ from .blocks import block_on, capture_block_inputs, find_blocks, quantizable_lay
 from .config import SignRoundV2Config
 from .qfunc import QuantSpec, quantize_rtn
 from .qlinear import QuantLinear, set_backend
-from .allocation import allocate, check_budget, layer_bits
+from .allocation import allocate, check_budget, unit_costs
 from .scale_search import search_factors
 from .sensitivity import delta_loss_scores, shared_input_groups, weight_error_scores
 from .tuning import BlockCall, TunableLinear, TuneSettings, fast_bf16, mse_and_outputs, tune_block
@@ -137,7 +137,7 @@ def _allocate(model: nn.Module, plan: dict[str, QuantSpec], config: SignRoundV2C
             )
         anchor = None
         if config.sensitivity_method == "deltaloss_anchored":  # the dearest option: nearest full precision
-            anchor = max(options, key=lambda o: sum(layer_bits(*shapes[n], o, scale_bits) for n in layers))
+            anchor = options[int(unit_costs(shapes, units, options, scale_bits).sum(0).argmax())]
         scores = delta_loss_scores(model, layers, options, scoring, batch_size=config.batch_size,
                                    scale_dtype=scale_dtype, device=config.compute_device, anchor=anchor)
     alloc = allocate(shapes, scores, units, options, config.avg_bits, scale_bits, pinned, config.sensitivity_method)

@@ -3,7 +3,8 @@
 ``score(layer, option) = Σ_batches Σ | ∂L/∂Q(W) ⊙ (W − Q(W)) |`` where every eligible layer
 is quantized by round-to-nearest at the option, ``L`` is the causal-LM cross-entropy of the
 scoring windows (``labels = input_ids``) and ``Q(W)`` is the dequantized weight the forward
-pass actually uses. One forward and one backward per option.
+pass actually uses. One forward and one backward per option; or, anchored, one in all: the
+gradient is taken once with every layer at one option and prices every option's ``W − Q(W)``.
 
 Two ways to run it, with the same numbers:
 
