@@ -18,7 +18,9 @@ SignRoundV2 `enable_alg_ext`, when `auto-round` is installed). A scheme is
 with options such as `W2G64+W4G128` allocates bits by DeltaLoss (16 x 256 scoring windows
 from the calibration text) and dynamic programming under the `avg` budget, then tunes;
 the `-proxy` ablation allocates by the weight-only proxy ||W - Q(W)||^2 instead, and
-`-anchor` by DeltaLoss with one gradient taken at the dearest option (`deltaloss_anchored`). Results are merged into the JSON file row by row, so an
+`-anchor` by DeltaLoss with one gradient taken at the dearest option (`deltaloss_anchored`), and
+`-fisher` by second-order DeltaLoss (signed first-order plus empirical-Fisher term, float-model
+gradient, W - Q(W) from the pre-tuning scale search; `deltaloss_fisher`). Results are merged into the JSON file row by row, so an
 interrupted run keeps what it finished.
 """
 
@@ -47,11 +49,11 @@ DEFAULT_ROWS = (
     + ["ours-W4G128-sym-noscale", "ours-W2G64-sym-noscale", "ours-W2G64-sym-notopk"]
     + [f"{peer}-{s}" for peer in ("ar", "arv2") for s in ("W4G128-sym", "W3G128-sym", "W2G64-sym")]
     + [f"ours-A{avg}-{opts}-sym{abl}" for avg in ("3.0", "2.5") for opts, abl in
-       (("W2G64+W4G128", ""), ("W2G64+W4G128", "-anchor"), ("W2G64+W4G128", "-proxy"),
+       (("W2G64+W4G128", ""), ("W2G64+W4G128", "-anchor"), ("W2G64+W4G128", "-proxy"), ("W2G64+W4G128", "-fisher"),
         ("W2G64+W3G128+W4G128", ""))]
 )
 ROW = re.compile(r"^(fp|rtn|ours|ar|arv2)(?:-A(\d+(?:\.\d+)?))?(?:-(W\dG-?\d+(?:\+W\dG-?\d+)*)-(sym|asym))?"
-                 r"(?:-(noscale|notopk|proxy|anchor))?$")
+                 r"(?:-(noscale|notopk|proxy|anchor|fisher))?$")
 OPTION = re.compile(r"W(\d)G(-?\d+)")
 ITERS, NSAMPLES, SEQLEN, BATCH, SEED = 50, 32, 256, 8, 42
 SCORING_NSAMPLES, SCORING_SEQLEN = 16, 256
@@ -75,7 +77,7 @@ def run_ours(model, spec: dict, calib: torch.Tensor, scoring: torch.Tensor) -> t
         iters=0 if spec["kind"] == "rtn" else ITERS, nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=BATCH, seed=SEED,
         scale_search=spec["ablation"] != "noscale", topk_exclusion=False if spec["ablation"] == "notopk" else None,
         avg_bits=spec["avg_bits"], bit_options=spec["options"] if spec["avg_bits"] else None,
-        sensitivity_method={"proxy": "weight_error", "anchor": "deltaloss_anchored"}.get(spec["ablation"], "deltaloss"),
+        sensitivity_method={"proxy": "weight_error", "anchor": "deltaloss_anchored", "fisher": "deltaloss_fisher"}.get(spec["ablation"], "deltaloss"),
         sensitivity_nsamples=SCORING_NSAMPLES, sensitivity_seqlen=SCORING_SEQLEN,
     )
     start = time.perf_counter()

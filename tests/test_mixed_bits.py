@@ -132,3 +132,27 @@ def test_allocation_config_round_trip():
     again = SignRoundV2Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again.bit_options == OPTIONS and again.avg_bits == 3.2 and again.realized_avg_bits == 3.19
     assert SignRoundV2Config(avg_bits=3.0).options == [(2, 64), (3, 128), (4, 128), (8, 128)]
+
+
+@pytest.mark.parametrize("scale_search", [True, False])
+def test_second_order_allocation_scores_with_the_tuning_start(scale_search):
+    """``deltaloss_fisher``: the allocation's scores are :func:`taylor_scores` on the scoring
+    windows, priced with the scale search when the config searches scales, else round-to-nearest."""
+    from hf_signround.blocks import quantizable_layers
+    from hf_signround.qfunc import QuantSpec
+    from hf_signround.sensitivity import taylor_scores
+
+    calib = build_calibration(make_corpus(), make_tokenizer(), nsamples=4, seqlen=32, seed=0)
+    reference = tiny_llama()
+    want = taylor_scores(reference, quantizable_layers(reference, []), [QuantSpec(b, g, True) for b, g in OPTIONS],
+                         calib, batch_size=4, scale_dtype=torch.float16, device=torch.device("cpu"),
+                         scale_search=scale_search)
+    model = tiny_llama()
+    cfg = mixed(iters=0, sensitivity_method="deltaloss_fisher", scale_search=scale_search)
+    quantize_model(model, cfg, calib)
+    assert cfg.allocation.method == "deltaloss_fisher"
+    assert cfg.allocation.scores.keys() == want.keys()
+    for name, scores in cfg.allocation.scores.items():
+        assert scores == pytest.approx(want[name], rel=1e-6, abs=1e-9), name
+    assert cfg.realized_avg_bits <= 3.2
+    assert len({s.bits for s in cfg.allocation.specs.values()}) > 1

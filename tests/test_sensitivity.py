@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_signround.blocks import quantizable_layers
 from hf_signround.qfunc import QuantSpec, fake_quantize
-from hf_signround.sensitivity import delta_loss_scores, shared_input_groups, weight_error_scores
+from hf_signround.scale_search import search_factors
+from hf_signround.sensitivity import delta_loss_scores, shared_input_groups, taylor_scores, weight_error_scores
 from tests.tiny import tiny_llama, tiny_neox
 
 OPTIONS = [QuantSpec(2, 32, True), QuantSpec(4, 16, False)]
@@ -111,3 +112,83 @@ def test_weight_error_scores():
             assert scores[name][o] == pytest.approx(float((w - fake_quantize(w, spec, scale_dtype=torch.float16))
                                                           .square().sum()), rel=1e-6)
         assert scores[name][0] > scores[name][1]
+
+
+def taylor_reference(model, options, ids, batch_size, importance=None):
+    """``Σ_batches [−Σ_t s_t + ½ n Σ_t s_t²]`` with ``s_t = δ_t·(ΔW x_t)`` found by plain autograd:
+    each layer's output gets ``ε_t · ΔW x_t`` added, ``ε = 0`` a leaf, and ``s = ∂L/∂ε``."""
+    layers = quantizable_layers(model, [])
+    out = {n: [0.0] * len(options) for n in layers}
+    for o, spec in enumerate(options):
+        for name, layer in layers.items():
+            w = layer.weight.detach()
+            if importance is None:
+                dw = w - fake_quantize(w, spec, scale_dtype=torch.float16)
+            else:
+                f = search_factors(w, spec, importance[name], torch.float16)
+                dw = w - fake_quantize(w, spec, alpha=f, beta=f, scale_dtype=torch.float16)
+            for start in range(0, len(ids), batch_size):
+                batch = ids[start : start + batch_size]
+                eps = torch.zeros(batch.shape, requires_grad=True)
+                handle = layer.register_forward_hook(lambda m, a, y: y + eps[..., None] * (a[0] @ dw.T))
+                try:
+                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                finally:
+                    handle.remove()
+                (s,) = torch.autograd.grad(loss, eps)
+                n = batch.numel() - len(batch)
+                out[name][o] += float(-s.sum() + 0.5 * n * s.square().sum())
+    return out
+
+
+def input_square_sums(model, ids):
+    layers = quantizable_layers(model, [])
+    sums = {}
+    handles = [layer.register_forward_hook(
+        lambda m, a, y, n=n: sums.__setitem__(n, sums.get(n, 0) + a[0].reshape(-1, a[0].shape[-1]).square().sum(0)))
+        for n, layer in layers.items()]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    return sums
+
+
+@pytest.mark.parametrize("arch", [tiny_llama, tiny_neox])
+@pytest.mark.parametrize("by_blocks", [False, True])
+@pytest.mark.parametrize("scale_search", [False, True])
+def test_second_order_delta_loss_equals_the_autograd_taylor_estimate(arch, by_blocks, scale_search, ids):
+    model = arch()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = quantizable_layers(model, [])
+    weights = {n: m.weight for n, m in layers.items()}
+    scores = taylor_scores(model, layers, OPTIONS, ids, batch_size=4, scale_dtype=torch.float16, device=CPU,
+                           by_blocks=by_blocks, scale_search=scale_search)
+    # the same model, untouched, as the reference's starting point
+    assert all(layers[n].weight is weights[n] for n in layers)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    importance = input_square_sums(model, ids) if scale_search else None
+    expected = taylor_reference(model, OPTIONS, ids, batch_size=4, importance=importance)
+    for name in layers:
+        for o, spec in enumerate(OPTIONS):
+            assert scores[name][o] == pytest.approx(expected[name][o], rel=1e-3, abs=1e-7), (name, spec)
+    # Fewer bits, a larger estimated loss change, summed over the model.
+    assert sum(s[0] for s in scores.values()) > sum(s[1] for s in scores.values())
+
+
+def test_second_order_first_term_is_the_signed_weight_gradient_product(ids):
+    """The first-order part ``−Σ_t δ_t·ΔW x_t`` is ``−⟨∂L/∂W, ΔW⟩`` (the plain weight gradient):
+    with a tiny ``ΔW`` (8 bits) the second-order part vanishes next to it."""
+    model = tiny_llama()
+    layers = quantizable_layers(model, [])
+    spec = QuantSpec(8, 16, True)
+    scores = taylor_scores(model, layers, [spec], ids, batch_size=6, scale_dtype=torch.float32, device=CPU,
+                           scale_search=False)
+    params = dict(model.named_parameters())
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    grads = torch.autograd.grad(loss, [params[f"{n}.weight"] for n in layers])
+    for (name, layer), g in zip(layers.items(), grads):
+        w = layer.weight.detach()
+        first = -float((g * (w - fake_quantize(w, spec, scale_dtype=torch.float32))).sum())
+        assert scores[name][0] == pytest.approx(first, rel=0.05, abs=1e-7), name

@@ -21,7 +21,7 @@ QUANT_METHOD = "signround_v2"
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
-SENSITIVITY_METHODS = ("deltaloss", "deltaloss_anchored", "weight_error")
+SENSITIVITY_METHODS = ("deltaloss", "deltaloss_anchored", "deltaloss_fisher", "weight_error")
 DEFAULT_BIT_OPTIONS = ((2, 64), (3, 128), (4, 128), (8, 128))
 _LAYER_KEYS = ("bits", "group_size", "sym")
 # Keys written by `to_dict` that are bookkeeping rather than constructor knobs.
@@ -114,8 +114,11 @@ class SignRoundV2Config(QuantizationConfigMixin):
             forward+backward per option on calibration windows, the gradient taken with every
             layer at that option), ``"deltaloss_anchored"`` (one forward+backward in all, the
             gradient taken with every layer at the dearest option and shared by every
-            option's ``Σ|g ⊙ (W − Q(W))|``), or ``"weight_error"`` (``‖W - Q(W)‖²``, no data;
-            a baseline).
+            option's ``Σ|g ⊙ (W − Q(W))|``), ``"deltaloss_fisher"`` (one forward+backward of
+            the float model in all plus one forward without gradients: signed first-order term
+            plus an empirical-Fisher second-order term, ``W − Q(W)`` from the scale search tuning
+            starts from; see ``sensitivity.taylor_scores``), or ``"weight_error"``
+            (``‖W - Q(W)‖²``, no data; a baseline).
         sensitivity_nsamples: calibration windows the DeltaLoss scoring runs on.
         sensitivity_seqlen: tokens per scoring window.
         tie_fused: give layers that read the same input (q/k/v of one attention, gate/up of one

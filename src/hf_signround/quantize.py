@@ -20,7 +20,7 @@ from .qfunc import QuantSpec, quantize_rtn
 from .qlinear import QuantLinear, set_backend
 from .allocation import allocate, check_budget, unit_costs
 from .scale_search import search_factors
-from .sensitivity import delta_loss_scores, shared_input_groups, weight_error_scores
+from .sensitivity import delta_loss_scores, shared_input_groups, taylor_scores, weight_error_scores
 from .tuning import BlockCall, TunableLinear, TuneSettings, fast_bf16, mse_and_outputs, tune_block
 
 logger = logging.getLogger(__name__)
@@ -135,11 +135,16 @@ def _allocate(model: nn.Module, plan: dict[str, QuantSpec], config: SignRoundV2C
                 f"avg_bits with sensitivity_method={config.sensitivity_method!r} scores layers on calibration data: pass dataset= "
                 "(and tokenizer=) in the config, or sensitivity_method='weight_error' for a data-free allocation"
             )
-        anchor = None
-        if config.sensitivity_method == "deltaloss_anchored":  # the dearest option: nearest full precision
-            anchor = options[int(unit_costs(shapes, units, options, scale_bits).sum(0).argmax())]
-        scores = delta_loss_scores(model, layers, options, scoring, batch_size=config.batch_size,
-                                   scale_dtype=scale_dtype, device=config.compute_device, anchor=anchor)
+        if config.sensitivity_method == "deltaloss_fisher":
+            scores = taylor_scores(model, layers, options, scoring, batch_size=config.batch_size,
+                                   scale_dtype=scale_dtype, device=config.compute_device,
+                                   scale_search=config.scale_search)
+        else:
+            anchor = None
+            if config.sensitivity_method == "deltaloss_anchored":  # the dearest option: nearest full precision
+                anchor = options[int(unit_costs(shapes, units, options, scale_bits).sum(0).argmax())]
+            scores = delta_loss_scores(model, layers, options, scoring, batch_size=config.batch_size,
+                                       scale_dtype=scale_dtype, device=config.compute_device, anchor=anchor)
     alloc = allocate(shapes, scores, units, options, config.avg_bits, scale_bits, pinned, config.sensitivity_method)
     logger.info("sensitivity and chosen bits:\n%s", alloc.table())
     config.realized_avg_bits = round(alloc.realized, 6)

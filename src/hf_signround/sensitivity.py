@@ -19,6 +19,21 @@ Two ways to run it, with the same numbers:
 
 A weight-only proxy ``‖W − Q(W)‖²`` (no data) is here too, as the baseline allocator the
 benchmark compares against.
+
+Second-order DeltaLoss (``taylor_scores``, ``sensitivity_method="deltaloss_fisher"``): one
+forward+backward at the float model for every option, with hooks on each layer's input ``x``
+and output gradient ``δ``. With ``ΔW = W − Q(W)`` and ``Δy_t = ΔW x_t`` per token ``t`` of a
+batch whose loss is the mean over ``n`` predicted tokens, the loss change of moving ``W`` to
+``Q(W)`` is estimated by a second-order Taylor expansion with the empirical Fisher (per token)
+standing in for the Hessian::
+
+    ΔL ≈ −Σ_t δ_t·Δy_t  +  ½ n Σ_t (δ_t·Δy_t)²
+
+(signed first-order term, no absolute value; the Fisher term is the mean of the squared
+per-token directional derivatives ``n δ_t·Δy_t``). ``Q`` is the quantizer tuning starts from:
+the pre-tuning scale search of spec §3b, its importance ``Σ x²`` gathered on the scoring
+windows, rather than plain round-to-nearest (round-to-nearest 2-bit is far worse than what
+tuning reaches and would misrank the layers).
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ from tqdm.auto import tqdm
 
 from .blocks import block_on, capture_block_inputs, find_blocks, to_device
 from .qfunc import QuantSpec, fake_quantize
+from .scale_search import search_factors
 from .tuning import BlockCall
 
 logger = logging.getLogger(__name__)
@@ -111,6 +127,111 @@ def _all_options(scores: Scores, options: list[QuantSpec], scale_dtype: torch.dt
     return on_grad
 
 
+def taylor_scores(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    options: list[QuantSpec],
+    input_ids: torch.Tensor,
+    *,
+    batch_size: int,
+    scale_dtype: torch.dtype,
+    device: torch.device,
+    by_blocks: bool | None = None,
+    scale_search: bool = True,
+) -> Scores:
+    """Second-order DeltaLoss of every layer at every option (see the module docstring).
+
+    One forward+backward of the float model per batch serves every option; the whole-model
+    path runs one more forward without gradients first, to gather the scale-search
+    importance (the block-by-block path gathers it in its forward sweep). Scores are summed
+    over batches, like :func:`delta_loss_scores`, and may be negative (a first-order gain).
+
+    Args:
+        scale_search: price ``W − Q(W)`` with the searched scales tuning starts from (spec
+            §3b); False uses plain round-to-nearest.
+    """
+    if by_blocks is None:
+        by_blocks = not _resident_on(model, device)
+    batches = [input_ids[i : i + batch_size] for i in range(0, len(input_ids), batch_size)]
+    taylor = _Taylor(layers, options, scale_dtype, scale_search)
+    grad_flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    try:
+        with taylor.hooks():
+            if not by_blocks and scale_search:
+                with torch.no_grad():
+                    for batch in batches:
+                        model(input_ids=batch.to(device), use_cache=False)
+            with torch.enable_grad():
+                score = _score_by_blocks if by_blocks else _score_whole_model
+                score(model, layers, None, batches, scale_dtype, device, _drop_grad)
+    finally:
+        for p, flag in grad_flags.items():
+            p.requires_grad_(flag)
+    for o, spec in enumerate(options):
+        logger.info("second-order DeltaLoss W%dG%d: total %.4g", spec.bits, spec.group_size,
+                    sum(s[o] for s in taylor.scores.values()))
+    return taylor.scores
+
+
+def _drop_grad(name: str, w: torch.Tensor, q: torch.Tensor, g: torch.Tensor) -> None:
+    """The weight gradients are not needed (the activation hooks score); drop them."""
+
+
+class _Taylor:
+    """Hooks on every scored layer: without gradients (a forward that builds no graph) they sum
+    ``x²`` per input channel, the scale-search importance; in a pass that builds a graph they keep
+    ``x`` and, when ``δ = ∂L/∂y`` arrives, add ``−Σ_t δ_t·Δy_t + ½ n Σ_t (δ_t·Δy_t)²`` per option."""
+
+    def __init__(self, layers: dict[str, nn.Linear], options: list[QuantSpec], scale_dtype: torch.dtype,
+                 scale_search: bool):
+        self.layers, self.options, self.scale_dtype, self.scale_search = layers, options, scale_dtype, scale_search
+        self.scores: Scores = {name: [0.0] * len(options) for name in layers}
+        self.importance: dict[str, torch.Tensor] = {}
+        self.factors: dict[tuple[str, int], torch.Tensor] = {}  # searched once per layer and option
+        self.inputs: dict[str, torch.Tensor] = {}
+
+    @contextmanager
+    def hooks(self) -> Iterator[None]:
+        handles = [layer.register_forward_hook(self._forward(name)) for name, layer in self.layers.items()]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self.inputs.clear()
+
+    def _forward(self, name: str):
+        def hook(module, args, out):
+            x = args[0].detach()
+            if out.requires_grad:
+                self.inputs[name] = x
+                out.register_hook(lambda g: self._score(name, module.weight.detach(), g))
+            elif self.scale_search:
+                sq = x.float().reshape(-1, x.shape[-1]).square().sum(0)
+                self.importance[name] = self.importance[name] + sq if name in self.importance else sq
+        return hook
+
+    def quantized(self, name: str, w: torch.Tensor, o: int) -> torch.Tensor:
+        spec = self.options[o]
+        if not self.scale_search:
+            return fake_quantize(w, spec, scale_dtype=self.scale_dtype)
+        if (name, o) not in self.factors:
+            self.factors[name, o] = search_factors(w, spec, self.importance[name], self.scale_dtype)
+        f = self.factors[name, o].to(w.device)
+        return fake_quantize(w, spec, alpha=f, beta=f, scale_dtype=self.scale_dtype)
+
+    def _score(self, name: str, w: torch.Tensor, g: torch.Tensor) -> None:
+        x = self.inputs.pop(name).float()
+        g, w = g.detach().float(), w.float()
+        # The causal-LM loss is the mean over every window's tokens but the first.
+        n = x[..., 0].numel() - (x.shape[0] if x.dim() > 2 else 1)
+        for o in range(len(self.options)):
+            dy = x @ (w - self.quantized(name, w, o)).T
+            s = (g * dy).sum(-1)
+            self.scores[name][o] += float(-s.sum() + 0.5 * n * s.square().sum())
+
+
 def _resident_on(model: nn.Module, device: torch.device) -> bool:
     from accelerate.utils import has_offloaded_params
 
@@ -124,16 +245,18 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 @contextmanager
-def _quantized_leaves(layers: dict[str, nn.Linear], spec: QuantSpec, scale_dtype: torch.dtype,
+def _quantized_leaves(layers: dict[str, nn.Linear], spec: QuantSpec | None, scale_dtype: torch.dtype,
                       on_grad: OnGrad | None) -> Iterator[None]:
-    """Swap each layer's weight for ``Q(W)`` as a leaf that needs a gradient; every time a
-    gradient lands on it, hand it to ``on_grad`` (which scores it) and drop it."""
+    """Swap each layer's weight for ``Q(W)`` (``spec`` None: ``W`` itself, same storage) as a
+    leaf that needs a gradient; every time a gradient lands on it, hand it to ``on_grad``
+    (which scores it) and drop it."""
     originals = {}
     try:
         for name, layer in layers.items():
             w = layer.weight
             originals[name] = w
-            q = nn.Parameter(fake_quantize(w.detach(), spec, scale_dtype=scale_dtype).to(w.dtype), requires_grad=True)
+            q = nn.Parameter(w.detach() if spec is None else
+                             fake_quantize(w.detach(), spec, scale_dtype=scale_dtype).to(w.dtype), requires_grad=True)
             if on_grad is not None:
                 q.register_post_accumulate_grad_hook(_scorer(name, w, on_grad))
             layer.weight = q
@@ -174,9 +297,12 @@ def _score_by_blocks(model, layers, spec, batches, scale_dtype, device, on_grad)
         for index, block in enumerate(blocks):
             inputs.append(hidden)
             with block_on(block, device), _quantized_leaves(per_block.get(index, {}), spec, scale_dtype, None):
-                if index == len(blocks) - 1:
-                    tuple_out = isinstance(block(hidden[:1], *call.args, **call.kwargs), (tuple, list))
-                hidden = torch.cat([call(block, h) for h in hidden.split(sizes)])
+                outs = []
+                for h in hidden.split(sizes):
+                    out = block(h, *call.args, **call.kwargs)
+                    tuple_out = isinstance(out, (tuple, list))  # what the head must be handed
+                    outs.append(out[0] if tuple_out else out)
+                hidden = torch.cat(outs)
 
     # Head: the loss of each batch and its gradient w.r.t. the last block's output.
     grads = [_head_grad(model, blocks, h, batch, tuple_out) for h, batch in zip(hidden.split(sizes), batches)]
