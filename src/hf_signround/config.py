@@ -109,8 +109,9 @@ class SignRoundV2Config(QuantizationConfigMixin):
             is never above the target. None keeps one ``bits``/``group_size`` for all layers.
         bit_options: candidate ``(bits, group_size)`` pairs for ``avg_bits``; ``sym`` comes from
             the config. None means ``[(2, 64), (3, 128), (4, 128), (8, 128)]``.
-        sensitivity_method: how layers are scored for ``avg_bits``: ``"deltaloss_anchored"``
-            (default; measured better at 2.5 and 3.0 bits, see docs/BENCHMARKS.md), ``"deltaloss"`` (spec §1, one
+        sensitivity_method: how layers are scored for ``avg_bits``: ``"deltaloss_fisher"``
+            (default; the lowest tuned perplexity of the allocators at 2.5 and 3.0 bits with W2G64/W4G128
+            on SmolLM2-135M, benchmarks/results/quality.json), ``"deltaloss"`` (spec §1, one
             forward+backward per option on calibration windows, the gradient taken with every
             layer at that option), ``"deltaloss_anchored"`` (one forward+backward in all, the
             gradient taken with every layer at the dearest option and shared by every
@@ -156,7 +157,7 @@ class SignRoundV2Config(QuantizationConfigMixin):
         backend: str = "auto",
         avg_bits: float | None = None,
         bit_options: list[tuple[int, int]] | None = None,
-        sensitivity_method: str = "deltaloss_anchored",
+        sensitivity_method: str = "deltaloss_fisher",
         sensitivity_nsamples: int = 16,
         sensitivity_seqlen: int = 256,
         tie_fused: bool = True,
