@@ -2,8 +2,12 @@
 
 On SmolLM2-135M-Instruct with 16 x 256 scoring windows from Python's `library/` docs: the
 time of one ordinary training-style forward+backward (weight gradients of every parameter)
-over the windows, then the time DeltaLoss takes per option, whole-model and block-by-block.
-Both are measured in the same run, so the ratio holds on a noisy machine.
+over the windows, then the time each scoring takes, whole-model and block-by-block: spec
+DeltaLoss for one option (it costs that per option), and for the two options W2G64 + W4G128
+the anchored DeltaLoss and the second-order DeltaLoss (`deltaloss_fisher`), which take one
+gradient for every option (the latter adds one forward without gradients, for the scale
+search's importance, on the whole-model path). All are measured in the same run, interleaved,
+so the ratios hold on a noisy machine.
 
     python benchmarks/sensitivity_cost.py [--repeats 2]
 """
@@ -22,7 +26,7 @@ from hf_signround.assets import calibration_texts, smollm2_path
 from hf_signround.blocks import quantizable_layers
 from hf_signround.calibration import build_calibration
 from hf_signround.qfunc import QuantSpec
-from hf_signround.sensitivity import delta_loss_scores
+from hf_signround.sensitivity import delta_loss_scores, taylor_scores
 
 NSAMPLES, SEQLEN, BATCH, SEED = 16, 256, 8, 42
 
@@ -48,24 +52,33 @@ def main() -> None:
     ids = build_calibration(calibration_texts(), tok, NSAMPLES, SEQLEN, SEED)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     layers = quantizable_layers(model, ["lm_head"])
-    option = [QuantSpec(2, 64, True)]
-    rows = {"plain_forward_backward": [], "deltaloss_whole_model": [], "deltaloss_by_blocks": []}
+    one, two = [QuantSpec(2, 64, True)], [QuantSpec(2, 64, True), QuantSpec(4, 128, True)]
+    kw = dict(batch_size=BATCH, scale_dtype=torch.float16, device=torch.device("cpu"))
+    passes = {
+        "deltaloss_1_option_whole_model": lambda: delta_loss_scores(model, layers, one, ids, by_blocks=False, **kw),
+        "deltaloss_1_option_by_blocks": lambda: delta_loss_scores(model, layers, one, ids, by_blocks=True, **kw),
+        "deltaloss_anchored_2_options_whole_model": lambda: delta_loss_scores(model, layers, two, ids, by_blocks=False,
+                                                                              anchor=two[1], **kw),
+        "deltaloss_fisher_2_options_whole_model": lambda: taylor_scores(model, layers, two, ids, by_blocks=False, **kw),
+        "deltaloss_fisher_2_options_by_blocks": lambda: taylor_scores(model, layers, two, ids, by_blocks=True, **kw),
+    }
+    rows = {"plain_forward_backward": [], **{k: [] for k in passes}}
     for _ in range(args.repeats):  # interleaved, so drifting load hits every row alike
         rows["plain_forward_backward"].append(plain_forward_backward(model, ids))
-        for key, by_blocks in (("deltaloss_whole_model", False), ("deltaloss_by_blocks", True)):
+        for key, run in passes.items():
             start = time.perf_counter()
-            delta_loss_scores(model, layers, option, ids, batch_size=BATCH, scale_dtype=torch.float16,
-                              device=torch.device("cpu"), by_blocks=by_blocks)
+            run()
             rows[key].append(time.perf_counter() - start)
     base = min(rows["plain_forward_backward"])
     result = {k: {"seconds_min": round(min(v), 2), "ratio_to_plain_fwd_bwd": round(min(v) / base, 3)}
               for k, v in rows.items()}
-    result["protocol"] = f"SmolLM2-135M, {NSAMPLES} x {SEQLEN} tokens, batch {BATCH}, one option, min of {args.repeats}"
+    result["protocol"] = (f"SmolLM2-135M, {NSAMPLES} x {SEQLEN} tokens, batch {BATCH}, options as named, min of "
+                          f"{args.repeats}, torch threads {torch.get_num_threads()}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'pass':<26} {'seconds':>8} {'vs plain F+B':>13}")
+    print(f"{'pass':<42} {'seconds':>8} {'vs plain F+B':>13}")
     for k, v in rows.items():
-        print(f"{k:<26} {min(v):>8.2f} {min(v) / base:>13.3f}")
+        print(f"{k:<42} {min(v):>8.2f} {min(v) / base:>13.3f}")
 
 
 if __name__ == "__main__":
