@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_signround import SignRoundV2Config
+from hf_signround.config import SENSITIVITY_METHODS
 from hf_signround.cli import EXIT_INPUT, EXIT_USAGE, inspect_checkpoint, main
 from hf_signround.evaluation import heldout_windows, perplexity
 from hf_signround.export import export_gptq
@@ -67,6 +68,9 @@ def test_console_script_help_lists_every_option_with_its_default():
         assert helps[option].endswith(f"(default: {default})"), helps[option]
     for option in ("sym", "asym", "device-map", "offload-folder", "keep", "dtype"):
         assert option in helps
+    # every scorer the config accepts can be chosen on the command line
+    for method in SENSITIVITY_METHODS:
+        assert method in out.stdout, method
     assert helps["asym"] == "asymmetric quantization with stored zero points (the default)"
 
 

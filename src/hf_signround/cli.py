@@ -409,6 +409,8 @@ def _schemes_line(summary: dict) -> str:
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .config import SENSITIVITY_METHODS
+
     d = _config_defaults()
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -444,8 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bit-options", type=parse_bit_options, default=d["bit_options"], metavar="B:G,...",
                    help="candidate BITS:GROUP_SIZE pairs for --avg-bits, e.g. 2:64,4:128 (None: "
                         "2:64,3:128,4:128,8:128)")
-    q.add_argument("--sensitivity-method", choices=("deltaloss", "weight_error"), default=d["sensitivity_method"],
-                   help="how --avg-bits scores layers: DeltaLoss on calibration text, or weight error (no data)")
+    q.add_argument("--sensitivity-method", choices=SENSITIVITY_METHODS, default=d["sensitivity_method"],
+                   help="how --avg-bits scores layers: second-order DeltaLoss on calibration text (default), the "
+                        "spec's DeltaLoss, DeltaLoss with one gradient at the dearest option, or weight error "
+                        "(no data)")
     q.add_argument("--keep", action="append", metavar="MODULE",
                    help="keep this module (name or dotted suffix such as mlp.down_proj) in full precision; repeatable")
     q.add_argument("--device", default=d["device"],
