@@ -11,8 +11,9 @@ measured in this run, so ratios between rows are meaningful on a noisy shared ma
     python benchmarks/quality.py --list
 
 Rows: `fp`; `rtn-<scheme>` (round-to-nearest); `ours-<scheme>` (tuned); ablations
-`ours-<scheme>-noscale` (no pre-tuning scale search) and `ours-<scheme>-notopk` (no top-k
-exclusion); `ar-<scheme>` and `arv2-<scheme>` (auto-round's SignRound and its
+`ours-<scheme>-noscale` (no pre-tuning scale search), `ours-<scheme>-notopk` (no top-k
+exclusion) and `ours-<scheme>-droptopk` (the spec's top-k exclusion, which drops the largest
+errors, instead of our default that counts them linearly); `ar-<scheme>` and `arv2-<scheme>` (auto-round's SignRound and its
 SignRoundV2 `enable_alg_ext`, when `auto-round` is installed). A scheme is
 `W<bits>G<group>-<sym|asym>`. Mixed precision (issue 4): `ours-A<avg>-<options>-<sym|asym>`
 with options such as `W2G64+W4G128` allocates bits by DeltaLoss (16 x 256 scoring windows
@@ -46,14 +47,14 @@ DEFAULT_ROWS = (
     ["fp"]
     + [f"rtn-{s}" for s in ("W4G128-sym", "W3G128-sym", "W2G64-sym")]
     + [f"ours-{s}" for s in SCHEMES]
-    + ["ours-W4G128-sym-noscale", "ours-W2G64-sym-noscale", "ours-W2G64-sym-notopk"]
+    + ["ours-W4G128-sym-noscale", "ours-W2G64-sym-noscale", "ours-W2G64-sym-notopk", "ours-W2G64-sym-droptopk"]
     + [f"{peer}-{s}" for peer in ("ar", "arv2") for s in ("W4G128-sym", "W3G128-sym", "W2G64-sym")]
     + [f"ours-A{avg}-{opts}-sym{abl}" for avg in ("3.0", "2.5") for opts, abl in
        (("W2G64+W4G128", ""), ("W2G64+W4G128", "-anchor"), ("W2G64+W4G128", "-proxy"), ("W2G64+W4G128", "-fisher"),
         ("W2G64+W3G128+W4G128", ""))]
 )
 ROW = re.compile(r"^(fp|rtn|ours|ar|arv2)(?:-A(\d+(?:\.\d+)?))?(?:-(W\dG-?\d+(?:\+W\dG-?\d+)*)-(sym|asym))?"
-                 r"(?:-(noscale|notopk|proxy|anchor|fisher))?$")
+                 r"(?:-(noscale|notopk|droptopk|proxy|anchor|fisher))?$")
 OPTION = re.compile(r"W(\d)G(-?\d+)")
 ITERS, NSAMPLES, SEQLEN, BATCH, SEED = 50, 32, 256, 8, 42
 SCORING_NSAMPLES, SCORING_SEQLEN = 16, 256
@@ -76,6 +77,7 @@ def run_ours(model, spec: dict, calib: torch.Tensor, scoring: torch.Tensor) -> t
         bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"],
         iters=0 if spec["kind"] == "rtn" else ITERS, nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=BATCH, seed=SEED,
         scale_search=spec["ablation"] != "noscale", topk_exclusion=False if spec["ablation"] == "notopk" else None,
+        topk_mode="drop" if spec["ablation"] == "droptopk" else "huber",
         avg_bits=spec["avg_bits"], bit_options=spec["options"] if spec["avg_bits"] else None,
         sensitivity_method={"proxy": "weight_error", "anchor": "deltaloss_anchored", "fisher": "deltaloss_fisher"}.get(spec["ablation"], "deltaloss"),
         sensitivity_nsamples=SCORING_NSAMPLES, sensitivity_seqlen=SCORING_SEQLEN,

@@ -43,6 +43,7 @@ def test_deepcopy_shares_runtime_objects(tokenizer):
         ({"seqlen": 1}, r"seqlen=1 is out of range"),
         ({"lr": -0.1}, r"lr=-0.1 must be a positive number"),
         ({"scale_dtype": "int8"}, r"scale_dtype='int8' is not supported"),
+        ({"topk_mode": "clip"}, r"topk_mode='clip' is not supported: choose one of drop, huber"),
         ({"layer_config": {"a.b": {"bits": 7}}}, r"layer_config\['a.b'\]\['bits'\]=7 is not supported"),
         ({"layer_config": {"a.b": {"bitz": 4}}}, r"layer_config\['a.b'\] has unknown keys \['bitz'\]"),
         ({"format_version": 99}, r"format_version=99: this hf_signround reads format 1"),

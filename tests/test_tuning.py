@@ -9,7 +9,8 @@ from hf_signround.blocks import capture_block_inputs, find_blocks, set_module
 from hf_signround.calibration import build_calibration
 from hf_signround.qfunc import QuantSpec
 from hf_signround.quantize import to_quant_linear
-from hf_signround.tuning import BlockCall, TunableLinear, TuneSettings, block_loss, mse_and_outputs, tune_block
+from hf_signround.tuning import (BlockCall, TunableLinear, TuneSettings, block_loss, epoch_batches, mse_and_outputs,
+                                 tune_block)
 from tests.tiny import make_corpus, make_tokenizer, tiny_llama, tiny_neox
 
 
@@ -64,19 +65,19 @@ def test_best_step_is_kept_not_the_last(calib):
     block, call, hidden, target, tunables = block_setup(calib)
     # full batches make every step's loss comparable; a negative lr climbs the loss, so the
     # first step is the best and the last the worst
-    history = tune_block(block, tunables, call, hidden, target, TuneSettings(6, -0.2, 8, None, 0))
+    history = tune_block(block, tunables, call, hidden, target, TuneSettings(6, -0.2, 8, None, "drop", 0))
     assert history[-1] > 2 * history[0] and min(history) == history[0]
     final, _ = mse_and_outputs(block, call, hidden, target, 8)
     assert final == pytest.approx(history[0], rel=1e-5)
     # and with a real lr the kept step is the lowest one seen
-    history = tune_block(block, tunables, call, hidden, target, TuneSettings(8, 0.1, 8, None, 1))
+    history = tune_block(block, tunables, call, hidden, target, TuneSettings(8, 0.1, 8, None, "drop", 1))
     final, _ = mse_and_outputs(block, call, hidden, target, 8)
     assert final == pytest.approx(min(history), rel=1e-5)
 
 
 def test_frozen_layer_reproduces_the_tuned_quantizer_exactly(calib):
     block, call, hidden, target, tunables = block_setup(calib, QuantSpec(3, 48, True))
-    tune_block(block, tunables, call, hidden, target, TuneSettings(5, 0.05, 4, 0.001, 0))
+    tune_block(block, tunables, call, hidden, target, TuneSettings(5, 0.05, 4, 0.001, "huber", 0))
     for t in tunables.values():
         with torch.no_grad():
             fake = t(torch.eye(t.layer.in_features)).T  # rows of the effective weight
@@ -94,6 +95,36 @@ def test_topk_exclusion_drops_exactly_k_errors():
     small = torch.randn(1, 300)
     s = small.square().flatten().sort().values
     assert block_loss(small, torch.zeros_like(small), 0.001).item() == pytest.approx(s[:-1].sum().item() / 300, rel=1e-6)
+
+
+def test_topk_huber_counts_the_outliers_linearly_past_the_kth_error():
+    torch.manual_seed(0)
+    pred = torch.randn(5, 1000, requires_grad=True)
+    ref = torch.zeros(5, 1000)
+    err = pred.detach().flatten()
+    t = err.abs().sort().values[-5]  # the k-th largest error, k = 5
+    outlier = err.abs() > t
+    expected = torch.where(outlier, 2 * t * err.abs() - t * t, err.square()).sum() / 5000
+    loss = block_loss(pred, ref, 0.001, "huber")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, pred)
+    grad = grad.flatten()
+    # past the threshold the pull is capped at the threshold's, but it is not zero (as "drop" makes it)
+    assert torch.allclose(grad[outlier].abs(), torch.full((4,), 2 * t.item() / 5000))
+    assert torch.allclose(grad[~outlier], 2 * err[~outlier] / 5000)
+    (dropped,) = torch.autograd.grad(block_loss(pred, ref, 0.001, "drop"), pred)
+    assert int((dropped.flatten() == 0).sum()) == 5
+
+
+def test_epoch_batches_deal_each_window_once_per_epoch():
+    batches = epoch_batches(10, 3, seed=0)
+    for _ in range(4):  # four epochs of three full batches; the tenth window waits for a later epoch
+        epoch = torch.cat([next(batches) for _ in range(3)]).tolist()
+        assert len(epoch) == len(set(epoch)) == 9
+        assert set(epoch) <= set(range(10))
+    one, two = epoch_batches(10, 3, seed=0), epoch_batches(10, 3, seed=0)
+    assert all(torch.equal(next(one), next(two)) for _ in range(7))  # seeded: the same stream
+    assert sorted(next(epoch_batches(4, 8, seed=1)).tolist()) == [0, 1, 2, 3]  # batch larger than the data
 
 
 def test_same_seed_same_packed_tensors(calib):

@@ -221,7 +221,7 @@ def _tune_block(block, specs, call: BlockCall, fp_in, q_in, config: SignRoundV2C
     topk = config.topk_exclusion if config.topk_exclusion is not None else min(s.bits for s in specs.values()) < 4
     amp = config.amp and q_in.dtype == torch.float32 and fast_bf16(q_in.device)
     settings = TuneSettings(config.iters, config.effective_lr, config.batch_size,
-                            config.topk_ratio if topk else None, config.seed + index, amp)
+                            config.topk_ratio if topk else None, config.topk_mode, config.seed + index, amp)
     history = tune_block(block, tunables, call, q_in, fp_out, settings)
     for rel, tunable in tunables.items():
         frozen = {k: v.detach() for k, v in tunable.quant_args().items()}
