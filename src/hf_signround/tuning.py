@@ -7,8 +7,8 @@ chain's inputs, is trained to reproduce the *float* block's outputs on the float
 inputs: fp32 MSE, scaled by 1000, signed gradient descent without momentum, learning
 rate decaying linearly to 0, and the parameters with the lowest mini-batch loss are kept.
 
-Two choices of ours beyond the spec, each measured on SmolLM2-135M at W2G64
-(docs/BENCHMARKS.md): mini-batches are dealt from a reshuffled permutation, so every
+Two choices of ours beyond the spec (the SmolLM2-135M W2G64 rows behind them are in
+docs/BENCHMARKS.md): mini-batches are dealt from a reshuffled permutation, so every
 window is used equally often; and the largest 0.1 % of errors are, by default, counted
 linearly (a Huber loss) rather than dropped, so tuning cannot pile error onto them.
 """
