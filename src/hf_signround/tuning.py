@@ -170,29 +170,33 @@ def tune_block(
     best_loss, history = float("inf"), []
     best = [p.detach().clone() for p in params]
     device = q_inputs.device
-    idx = None
-    for step in range(settings.iters + 1):
-        last = step == settings.iters
-        if not last:
-            idx = next(batches)
-        with torch.set_grad_enabled(not last), torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp):
+
+    def loss_on(idx: torch.Tensor) -> torch.Tensor:
+        """The batch's loss, recorded, with the parameters kept when it is the lowest so far."""
+        nonlocal best_loss
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.amp):
             pred = call(block, q_inputs[idx])
         loss = block_loss(pred, fp_outputs[idx], settings.topk_ratio, settings.topk_mode)
-        value = loss.item()
-        history.append(value)
-        if value < best_loss:
-            best_loss = value
+        history.append(loss.item())
+        if history[-1] < best_loss:
+            best_loss = history[-1]
             for b, p in zip(best, params):
                 b.copy_(p.detach())
-        if last:
-            break
-        grads = torch.autograd.grad(loss * LOSS_SCALE, params)
+        return loss
+
+    idx = None
+    for step in range(settings.iters):
+        idx = next(batches)
+        grads = torch.autograd.grad(loss_on(idx) * LOSS_SCALE, params)
         lr = settings.lr * (1.0 - step / settings.iters)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.add_(g.sign_(), alpha=-lr)
         for t in tunables.values():
             t.clamp_()
+    if idx is not None:  # the last update's result, on the last batch
+        with torch.no_grad():
+            loss_on(idx)
     with torch.no_grad():
         for b, p in zip(best, params):
             p.copy_(b)
