@@ -154,7 +154,7 @@ def main() -> None:
         if cfg is not None and cfg.allocation is not None:
             results[row]["realized_avg_bits"] = cfg.realized_avg_bits
             results[row]["bits_histogram"] = _histogram(cfg)
-            cfg.allocation.to_json(args.out.parent / f"allocation-{row}.json")
+            cfg.allocation.to_json(args.out.parent / f"{args.out.stem}-allocation-{row}.json")
         args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
         print(f"{row:<28} ppl {ppl:9.3f}   seconds {seconds if seconds is None else round(seconds, 1)}", flush=True)
         del model
