@@ -1,0 +1,137 @@
+"""What one tuning step costs, against the CPU's arithmetic floor (issue 3, the time target).
+
+On one decoder block of SmolLM2-135M-Instruct (default block 15) at W2G64 symmetric, with
+the quality benchmark's calibration (32 x 256 tokens from Python's `library/` docs, seed
+42) and batch 8, this measures in one run:
+
+* the floating-point work of one step (forward, loss, backward), counted by
+  `torch.utils.flop_counter.FlopCounterMode`;
+* the machine's fp32 matrix-product rate, on products of the block's own shapes;
+* the wall time per step of `tune_block` as the library runs it (eager), and of the same
+  `tune_block` with the block's forward compiled by `torch.compile` (inductor), plus the
+  one-off compile time.
+
+The floor is the step's work at the measured rate. Ratios hold on a noisy machine because
+every figure comes from the same run.
+
+    python benchmarks/step_cost.py [--block 15] [--iters 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_signround.assets import calibration_texts, smollm2_path
+from hf_signround.blocks import capture_block_inputs, find_blocks, set_module
+from hf_signround.calibration import build_calibration
+from hf_signround.qfunc import QuantSpec
+from hf_signround.tuning import LOSS_SCALE, BlockCall, TunableLinear, TuneSettings, block_loss, tune_block
+
+NSAMPLES, SEQLEN, BATCH, SEED = 32, 256, 8, 42
+
+
+class CompiledCall(BlockCall):
+    """``BlockCall`` whose block forward goes through one ``torch.compile``d function."""
+
+    def __init__(self, call: BlockCall):
+        super().__init__(call.args, call.kwargs)
+        self.forward = torch.compile(lambda block, hidden: BlockCall.__call__(self, block, hidden), dynamic=False)
+
+    def __call__(self, block, hidden):
+        return self.forward(block, hidden)
+
+
+def tunable_copy(block, spec: QuantSpec):
+    block = copy.deepcopy(block)
+    tunables = {}
+    for name, module in list(block.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            tunables[name] = TunableLinear(module, spec, None, torch.float16)
+            set_module(block, name, tunables[name])
+    return block, tunables
+
+
+def matmul_rate(block, tokens: int, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of ``x @ W.T`` over the block's Linear shapes (best of ``repeats``)."""
+    shapes = [m.weight.shape for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    pairs = [(torch.randn(tokens, k), torch.randn(n, k)) for n, k in shapes]
+    flops = sum(2 * tokens * n * k for n, k in shapes)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for x, w in pairs:
+            x @ w.T
+        best = min(best, time.perf_counter() - start)
+    return flops / best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--block", type=int, default=15)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step_cost.json"))
+    args = parser.parse_args()
+    model_dir = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model.requires_grad_(False)
+    ids = build_calibration(calibration_texts(), tok, NSAMPLES, SEQLEN, SEED)
+    _, blocks = find_blocks(model)
+    hidden, call_args, call_kwargs = capture_block_inputs(model, blocks, ids)
+    call = BlockCall(call_args, call_kwargs)
+    block = blocks[args.block]
+    with torch.no_grad():
+        for earlier in blocks[: args.block]:
+            hidden = call.batched(earlier, hidden, BATCH)
+    target = call.batched(block, hidden, BATCH)
+    spec = QuantSpec(2, 64, True)
+    settings = TuneSettings(args.iters, 1.0 / 50, BATCH, 0.001, "huber", SEED)
+
+    qblock, tunables = tunable_copy(block, spec)
+    params = [p for t in tunables.values() for p in (t.v, t.alpha, t.beta)]
+    with FlopCounterMode(display=False) as counter:
+        loss = block_loss(call(qblock, hidden[:BATCH]), target[:BATCH], settings.topk_ratio, settings.topk_mode)
+        torch.autograd.grad(loss * LOSS_SCALE, params)
+    step_gflop = counter.get_total_flops() / 1e9
+    rate = matmul_rate(block, BATCH * SEQLEN)
+
+    results = {"block": args.block, "iters": args.iters, "tokens_per_step": BATCH * SEQLEN,
+               "torch_threads": torch.get_num_threads(), "step_gflop": step_gflop,
+               "matmul_gflop_per_s": rate, "floor_s_per_step": step_gflop / rate}
+    for name, make_call in (("eager", lambda: call), ("compiled", lambda: CompiledCall(call))):
+        qblock, tunables = tunable_copy(block, spec)
+        this_call = make_call()
+        warm = TuneSettings(2, settings.lr, BATCH, settings.topk_ratio, settings.topk_mode, SEED)
+        start = time.perf_counter()
+        tune_block(qblock, tunables, this_call, hidden, target, warm)  # compiles on the first call
+        results[f"{name}_first_2_steps_s"] = time.perf_counter() - start
+        qblock, tunables = tunable_copy(block, spec)
+        start = time.perf_counter()
+        history = tune_block(qblock, tunables, this_call, hidden, target, settings)
+        results[f"{name}_s_per_step"] = (time.perf_counter() - start) / (args.iters + 1)
+        results[f"{name}_best_loss"] = min(history)
+    results["compiled_over_eager"] = results["compiled_s_per_step"] / results["eager_s_per_step"]
+    results["eager_over_floor"] = results["eager_s_per_step"] / results["floor_s_per_step"]
+
+    print(f"block {args.block}, W2G64 sym, {BATCH} x {SEQLEN} tokens per step, {results['torch_threads']} threads")
+    print(f"work per step           {step_gflop:8.1f} GFLOP")
+    print(f"fp32 matmul rate        {rate:8.1f} GFLOP/s  -> floor {results['floor_s_per_step']:.3f} s/step")
+    for name in ("eager", "compiled"):
+        print(f"{name:9s} s/step        {results[f'{name}_s_per_step']:8.3f}   "
+              f"(first 2 steps {results[f'{name}_first_2_steps_s']:.1f} s, best loss {results[f'{name}_best_loss']:.5f})")
+    print(f"compiled / eager        {results['compiled_over_eager']:8.3f}")
+    print(f"eager / floor           {results['eager_over_floor']:8.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
