@@ -9,8 +9,9 @@ from hf_signround.blocks import capture_block_inputs, find_blocks, set_module
 from hf_signround.calibration import build_calibration
 from hf_signround.qfunc import QuantSpec
 from hf_signround.quantize import to_quant_linear
-from hf_signround.tuning import (BlockCall, TunableLinear, TuneSettings, block_loss, epoch_batches, mse_and_outputs,
-                                 tune_block)
+from hf_signround import tuning
+from hf_signround.tuning import (BlockCall, TunableLinear, TuneSettings, block_loss, epoch_batches, fast_bf16,
+                                 mse_and_outputs, tune_block)
 from tests.tiny import make_corpus, make_tokenizer, tiny_llama, tiny_neox
 
 
@@ -175,3 +176,26 @@ def test_offloaded_blocks_quantize_like_resident_ones(iters, corpus, tokenizer, 
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, resident(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("flags, speedup, expected", [(False, 3.0, False), (True, 0.5, False),
+                                                      (True, 1.2, False), (True, 2.0, True)])
+def test_cpu_autocasts_only_where_bf16_measures_faster(monkeypatch, caplog, flags, speedup, expected):
+    measured = []
+    monkeypatch.setattr(tuning, "cpu_has_bf16_instructions", lambda: flags)
+    monkeypatch.setattr(tuning, "cpu_bf16_speedup", lambda: measured.append(1) or speedup)
+    tuning._cpu_bf16_choice.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="hf_signround.tuning"):
+            assert [fast_bf16(torch.device("cpu")) for _ in range(3)] == [expected] * 3
+    finally:
+        tuning._cpu_bf16_choice.cache_clear()
+    assert len(measured) == (1 if flags else 0)  # measured once, and only with the instructions
+    if flags:
+        assert f"{speedup:.2f}x float32's speed" in caplog.text
+        assert ("tuning steps in bfloat16" if expected else "tuning steps in float32") in caplog.text
+
+
+def test_bf16_speedup_is_a_real_timing_ratio():
+    ratio = tuning.cpu_bf16_speedup(size=64, repeats=2)
+    assert 0.0 < ratio < float("inf")
