@@ -11,7 +11,7 @@ from hf_signround.qfunc import QuantSpec
 from hf_signround.quantize import to_quant_linear
 from hf_signround import tuning
 from hf_signround.tuning import (BlockCall, TunableLinear, TuneSettings, block_loss, epoch_batches, fast_bf16,
-                                 mse_and_outputs, tune_block)
+                                 largest, mse_and_outputs, tune_block)
 from tests.tiny import make_corpus, make_tokenizer, tiny_llama, tiny_neox
 
 
@@ -199,3 +199,29 @@ def test_cpu_autocasts_only_where_bf16_measures_faster(monkeypatch, caplog, flag
 def test_bf16_speedup_is_a_real_timing_ratio():
     ratio = tuning.cpu_bf16_speedup(size=64, repeats=2)
     assert 0.0 < ratio < float("inf")
+
+
+def _cases():
+    gen = torch.Generator().manual_seed(0)
+    plain = torch.randn(8 * 64 * 96, generator=gen).square()
+    aligned = plain.clone()
+    aligned[::61] += 100.0  # every element the strided sample sees is an outlier: the threshold is too high
+    spread = plain.clone()
+    spread[torch.randperm(plain.numel(), generator=gen)[:40]] = 50.0
+    return {"plain": plain, "sample-aligned outliers": aligned, "few big outliers": spread,
+            "all tied": torch.ones(50_000), "small": plain[:500]}
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+@pytest.mark.parametrize("k", [1, 49, 500])
+def test_largest_returns_exactly_the_topk_values(case, k):
+    x = _cases()[case]
+    k = min(k, x.numel())
+    assert torch.equal(largest(x, k).sort().values, torch.topk(x, k).values.sort().values)
+
+
+def test_largest_passes_gradients_like_topk():
+    x = torch.randn(40_000, generator=torch.Generator().manual_seed(1)).square().requires_grad_()
+    (g_ours,) = torch.autograd.grad(largest(x, 40).sum(), x)
+    (g_ref,) = torch.autograd.grad(torch.topk(x, 40).values.sum(), x)
+    assert torch.equal(g_ours, g_ref) and int(g_ours.sum()) == 40
