@@ -23,6 +23,9 @@ the `-proxy` ablation allocates by the weight-only proxy ||W - Q(W)||^2 instead,
 `-fisher` by second-order DeltaLoss (signed first-order plus empirical-Fisher term, float-model
 gradient, W - Q(W) from the pre-tuning scale search; `deltaloss_fisher`). Results are merged into the JSON file row by row, so an
 interrupted run keeps what it finished.
+Every row also records the CPU it ran on: its model name, whether it has bfloat16
+instructions, and a bfloat16 matrix product's speed against float32 there (our `amp` uses
+bfloat16 only at >= 1.25x; auto-round casts to bfloat16 wherever the instructions exist).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from hf_signround import SignRoundV2Config, quantize_model
 from hf_signround.assets import calibration_texts, heldout_texts, smollm2_path
 from hf_signround.calibration import build_calibration
 from hf_signround.evaluation import heldout_windows, perplexity
+from hf_signround.tuning import cpu_bf16_speedup, cpu_has_bf16_instructions
 
 SCHEMES = ["W4G128-sym", "W3G128-sym", "W2G64-sym", "W4G128-asym", "W3G128-asym", "W2G64-asym"]
 DEFAULT_ROWS = (
@@ -111,6 +115,16 @@ def _histogram(cfg: SignRoundV2Config) -> dict[str, int]:
     return out
 
 
+def machine() -> dict[str, object]:
+    """The CPU a run's rows come from, and how fast bfloat16 products are on it against float32
+    (our `amp` autocasts only at >= 1.25x; auto-round goes by the instruction flags)."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    has_bf16 = cpu_has_bf16_instructions()
+    return {"cpu": cpu, "cpu_bf16_instructions": has_bf16,
+            "cpu_bf16_speedup": round(cpu_bf16_speedup(), 2) if has_bf16 else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS)
@@ -131,6 +145,7 @@ def main() -> None:
     scoring = build_calibration(calibration_texts(), tok, SCORING_NSAMPLES, SCORING_SEQLEN, SEED)
 
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    where = machine()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for row, spec in specs.items():
         if spec["kind"] in ("ar", "arv2"):
@@ -150,7 +165,7 @@ def main() -> None:
         results[row] = {"ppl": round(ppl, 3), "quantize_seconds": None if seconds is None else round(seconds, 1),
                         "iters": ITERS if spec["kind"] not in ("fp", "rtn") else 0, "nsamples": NSAMPLES,
                         "seqlen": SEQLEN, "batch_size": BATCH, "eval_windows": args.eval_windows,
-                        "torch_threads": torch.get_num_threads()}
+                        "torch_threads": torch.get_num_threads(), **where}
         if cfg is not None and cfg.allocation is not None:
             results[row]["realized_avg_bits"] = cfg.realized_avg_bits
             results[row]["bits_histogram"] = _histogram(cfg)
