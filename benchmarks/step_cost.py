@@ -7,6 +7,8 @@ the quality benchmark's calibration (32 x 256 tokens from Python's `library/` do
 * the floating-point work of one step (forward, loss, backward), counted by
   `torch.utils.flop_counter.FlopCounterMode`;
 * the machine's fp32 matrix-product rate, on products of the block's own shapes;
+* where an eager step's time goes, by `torch.profiler` (self CPU time of matrix products,
+  attention, and everything else), which bounds what removing overhead alone can save;
 * the wall time per step of `tune_block` as the library runs it (eager; its one evaluation
   without gradients after the last step is counted in, which overstates a step by under
   2 % at 20 steps), and of the same
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,6 +77,25 @@ def matmul_rate(block, tokens: int, repeats: int = 5) -> float:
             x @ w.T
         best = min(best, time.perf_counter() - start)
     return flops / best / 1e9
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def time_shares(run) -> dict[str, float]:
+    """Self CPU seconds of ``run()`` under the profiler: matrix products, attention, the rest."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    shares = {"matmul_s": 0.0, "attention_s": 0.0, "other_s": 0.0}
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        if event.key in MATMUL_OPS:
+            shares["matmul_s"] += seconds
+        elif "scaled_dot_product" in event.key:
+            shares["attention_s"] += seconds
+        else:
+            shares["other_s"] += seconds
+    return shares
 
 
 def main() -> None:
@@ -122,6 +144,11 @@ def main() -> None:
         # per step, with tune_block's one no-grad evaluation after the last step counted in
         results[f"{name}_s_per_step"] = (time.perf_counter() - start) / args.iters
         results[f"{name}_best_loss"] = min(history)
+    qblock, tunables = tunable_copy(block, spec)
+    shares = time_shares(lambda: tune_block(qblock, tunables, call, hidden, target, settings))
+    total = sum(shares.values())
+    results.update({f"profiled_{k[:-2]}_s_per_step": v / args.iters for k, v in shares.items()})
+    results["profiled_matmul_plus_attention_share"] = (shares["matmul_s"] + shares["attention_s"]) / total
     results["compiled_over_eager"] = results["compiled_s_per_step"] / results["eager_s_per_step"]
     results["eager_over_floor"] = results["eager_s_per_step"] / results["floor_s_per_step"]
 
@@ -131,6 +158,10 @@ def main() -> None:
     for name in ("eager", "compiled"):
         print(f"{name:9s} s/step        {results[f'{name}_s_per_step']:8.3f}   "
               f"(first 2 steps {results[f'{name}_first_2_steps_s']:.1f} s, best loss {results[f'{name}_best_loss']:.5f})")
+    print("eager step by the profiler (self CPU s/step): matmul {:.3f}, attention {:.3f}, other {:.3f}; "
+          "matmul + attention {:.0%} of the step".format(
+              results["profiled_matmul_s_per_step"], results["profiled_attention_s_per_step"],
+              results["profiled_other_s_per_step"], results["profiled_matmul_plus_attention_share"]))
     print(f"compiled / eager        {results['compiled_over_eager']:8.3f}")
     print(f"eager / floor           {results['eager_over_floor']:8.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
