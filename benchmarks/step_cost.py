@@ -86,15 +86,11 @@ def time_shares(run) -> dict[str, float]:
     """Self CPU seconds of ``run()`` under the profiler: matrix products, attention, the rest."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         run()
-    shares = {"matmul_s": 0.0, "attention_s": 0.0, "other_s": 0.0}
+    shares = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for event in prof.key_averages():
-        seconds = event.self_cpu_time_total / 1e6
-        if event.key in MATMUL_OPS:
-            shares["matmul_s"] += seconds
-        elif "scaled_dot_product" in event.key:
-            shares["attention_s"] += seconds
-        else:
-            shares["other_s"] += seconds
+        kind = ("matmul" if event.key in MATMUL_OPS
+                else "attention" if "scaled_dot_product" in event.key else "other")
+        shares[kind] += event.self_cpu_time_total / 1e6
     return shares
 
 
@@ -147,8 +143,8 @@ def main() -> None:
     qblock, tunables = tunable_copy(block, spec)
     shares = time_shares(lambda: tune_block(qblock, tunables, call, hidden, target, settings))
     total = sum(shares.values())
-    results.update({f"profiled_{k[:-2]}_s_per_step": v / args.iters for k, v in shares.items()})
-    results["profiled_matmul_plus_attention_share"] = (shares["matmul_s"] + shares["attention_s"]) / total
+    results.update({f"profiled_{kind}_s_per_step": seconds / args.iters for kind, seconds in shares.items()})
+    results["profiled_matmul_plus_attention_share"] = (shares["matmul"] + shares["attention"]) / total
     results["compiled_over_eager"] = results["compiled_s_per_step"] / results["eager_s_per_step"]
     results["eager_over_floor"] = results["eager_s_per_step"] / results["floor_s_per_step"]
 
