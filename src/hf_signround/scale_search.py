@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .qfunc import QuantSpec, fake_quantize_grouped, grouped, scale_zero_grouped
+from .qfunc import QuantSpec, group_range, grouped, scale_zero_from_range
 
 IMPORTANCE_EPS = 1e-5
 
@@ -36,11 +36,26 @@ def candidate_factors(spec: QuantSpec) -> torch.Tensor:
 
 
 def weighted_error(
-    wg: torch.Tensor, imp: torch.Tensor, spec: QuantSpec, factor: torch.Tensor, scale_dtype: torch.dtype
+    wg: torch.Tensor,
+    imp: torch.Tensor,
+    spec: QuantSpec,
+    factor: torch.Tensor,
+    scale_dtype: torch.dtype,
+    wrange: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``Σ_j imp_j (Q(W_gj) − W_gj)²`` per group (N, G) for range factors ``factor`` (N, G)."""
-    s, z = scale_zero_grouped(wg, spec, factor, factor, scale_dtype)
-    return ((fake_quantize_grouped(wg, spec, s, z) - wg).square() * imp).sum(-1)
+    """``Σ_j imp_j (Q(W_gj) − W_gj)²`` per group (N, G) for range factors ``factor`` (N, G).
+
+    The float operations of :func:`fake_quantize_grouped`, in the same order, done in place on
+    one buffer (``out``, shaped like ``wg``, reused across candidates when given); ``wrange``
+    is :func:`group_range` of ``wg``, which no candidate changes; ``imp`` broadcasts to ``wg``.
+    """
+    wmin, wmax = group_range(wg) if wrange is None else wrange
+    s, z = scale_zero_from_range(wmin, wmax, spec, factor, factor, scale_dtype)
+    s, z = s.unsqueeze(-1), z.unsqueeze(-1)
+    err = torch.div(wg, s, out=out)
+    err.round_().add_(z).clamp_(0, spec.maxq).sub_(z).mul_(s).sub_(wg)
+    return err.square_().mul_(imp).sum(-1)
 
 
 @torch.no_grad()
@@ -60,7 +75,8 @@ def search_factors(
     """
     wg = grouped(w.detach().float(), spec)
     n, g, length = wg.shape
-    imp = grouped((importance.float().to(wg.device) + IMPORTANCE_EPS).expand(n, -1), spec)
+    imp = grouped((importance.float().to(wg.device) + IMPORTANCE_EPS).unsqueeze(0), spec)  # (1, G, L)
+    wrange, buffer = group_range(wg), torch.empty_like(wg)
     grid = candidate_factors(spec).to(wg.device)
     middle = len(grid) // 2
     coarse = [i for i in range(middle % stride, len(grid), stride)]
@@ -70,7 +86,7 @@ def search_factors(
 
     def consider(idx: torch.Tensor) -> None:
         nonlocal best_err, best_idx
-        err = weighted_error(wg, imp, spec, grid[idx], scale_dtype)
+        err = weighted_error(wg, imp, spec, grid[idx], scale_dtype, wrange, buffer)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_idx = torch.where(better, idx, best_idx)
