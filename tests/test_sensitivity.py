@@ -193,6 +193,35 @@ def test_second_order_delta_loss_equals_the_autograd_taylor_estimate(arch, by_bl
     assert sum(s[0] for s in scores.values()) > sum(s[1] for s in scores.values())
 
 
+@pytest.mark.parametrize("by_blocks", [False, True])
+def test_second_order_delta_loss_builds_no_weight_gradient(by_blocks, ids):
+    """The Taylor hooks need activation gradients only: in the pass that builds a graph, every
+    scored layer's output needs a gradient while no weight does (a weight gradient would cost a
+    third of the backward for nothing), and every layer is scored."""
+    model = tiny_llama()
+    layers = quantizable_layers(model, [])
+    graph_calls = {n: 0 for n in layers}
+
+    def watch(name):
+        def hook(module, args, out):
+            if out.requires_grad:
+                graph_calls[name] += 1
+                assert not module.weight.requires_grad, name
+                assert all(not p.requires_grad for p in model.parameters())
+        return hook
+
+    handles = [layer.register_forward_hook(watch(n)) for n, layer in layers.items()]
+    try:
+        scores = taylor_scores(model, layers, OPTIONS, ids, batch_size=4, scale_dtype=torch.float16, device=CPU,
+                               by_blocks=by_blocks)
+    finally:
+        for h in handles:
+            h.remove()
+    batches = -(-len(ids) // 4)
+    assert graph_calls == {n: batches for n in layers}
+    assert all(s[0] != 0 and s[1] != 0 for s in scores.values())
+
+
 def test_second_order_first_term_is_the_signed_weight_gradient_product(ids):
     """The first-order part ``−Σ_t δ_t·ΔW x_t`` is ``−⟨∂L/∂W, ΔW⟩`` (the plain weight gradient):
     with a tiny ``ΔW`` (8 bits) the second-order part vanishes next to it."""

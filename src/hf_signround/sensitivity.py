@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -141,7 +141,9 @@ def taylor_scores(
 ) -> Scores:
     """Second-order DeltaLoss of every layer at every option (see the module docstring).
 
-    One forward+backward of the float model per batch serves every option; the whole-model
+    One forward+backward of the float model per batch serves every option, and it computes
+    no weight gradient (the hooks need only each layer's input and output gradient, so the
+    graph is rooted at the embedding output instead); the whole-model
     path runs one more forward without gradients first, to gather the scale-search
     importance (the block-by-block path gathers it in its forward sweep). Scores are summed
     over batches, like :func:`delta_loss_scores`, and may be negative (a first-order gain).
@@ -164,7 +166,7 @@ def taylor_scores(
                         model(input_ids=batch.to(device), use_cache=False)
             with torch.enable_grad():
                 score = _score_by_blocks if by_blocks else _score_whole_model
-                score(model, layers, None, batches, scale_dtype, device, _drop_grad)
+                score(model, layers, None, batches, scale_dtype, device, None)
     finally:
         for p, flag in grad_flags.items():
             p.requires_grad_(flag)
@@ -172,10 +174,6 @@ def taylor_scores(
         logger.info("second-order DeltaLoss W%dG%d: total %.4g", spec.bits, spec.group_size,
                     sum(s[o] for s in taylor.scores.values()))
     return taylor.scores
-
-
-def _drop_grad(name: str, w: torch.Tensor, q: torch.Tensor, g: torch.Tensor) -> None:
-    """The weight gradients are not needed (the activation hooks score); drop them."""
 
 
 class _Taylor:
@@ -274,13 +272,18 @@ def _scorer(name: str, w: torch.Tensor, on_grad: OnGrad):
 
 
 def _score_whole_model(model, layers, spec, batches, scale_dtype, device, on_grad) -> None:
-    with _quantized_leaves(layers, spec, scale_dtype, on_grad):
+    """``on_grad`` None: no weight leaves at all (the weights stay as they are and need no
+    gradient); the embedding output is made to need one, so the backward reaches every layer's
+    output and computes activation gradients only."""
+    with _quantized_leaves(layers, spec, scale_dtype, on_grad) if on_grad is not None else _graph_from_embeddings(model):
         for batch in batches:
             batch = batch.to(device)
             model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
 
 
 def _score_by_blocks(model, layers, spec, batches, scale_dtype, device, on_grad) -> None:
+    """``on_grad`` None: as in :func:`_score_whole_model`, activation gradients only (every block's
+    input needs a gradient, its weights none)."""
     prefix, blocks = find_blocks(model)
     per_block: dict[int, dict[str, nn.Linear]] = {}
     for name, layer in layers.items():
@@ -310,14 +313,26 @@ def _score_by_blocks(model, layers, spec, batches, scale_dtype, device, on_grad)
 
     # Backward, last block first: recompute the block from its saved input, score, pass the gradient down.
     for index in reversed(range(len(blocks))):
-        with block_on(blocks[index], device) as block, _quantized_leaves(per_block.get(index, {}), spec, scale_dtype, on_grad):
+        leaves = (_quantized_leaves(per_block.get(index, {}), spec, scale_dtype, on_grad) if on_grad is not None
+                  else nullcontext())
+        with block_on(blocks[index], device) as block, leaves:
             new_grads = []
             for h, g in zip(inputs[index].split(sizes), grads):
-                x = h.detach().requires_grad_(index > 0)
+                x = h.detach().requires_grad_(index > 0 or on_grad is None)
                 call(block, x).backward(g)
                 new_grads.append(x.grad)
             grads = new_grads
         inputs[index] = None
+
+
+@contextmanager
+def _graph_from_embeddings(model: nn.Module) -> Iterator[None]:
+    """Make the input embeddings' output need a gradient (the model's own parameters need none)."""
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: out.requires_grad_())
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _head_grad(model: nn.Module, blocks: nn.ModuleList, last: torch.Tensor, batch: torch.Tensor, tuple_out: bool):
