@@ -142,10 +142,10 @@ def taylor_scores(
     """Second-order DeltaLoss of every layer at every option (see the module docstring).
 
     One forward+backward of the float model per batch serves every option, and it computes
-    no weight gradient (the hooks need only each layer's input and output gradient, so the
-    graph is rooted at the embedding output instead); the whole-model
-    path runs one more forward without gradients first, to gather the scale-search
-    importance (the block-by-block path gathers it in its forward sweep). Scores are summed
+    no weight gradient: the hooks need only each layer's input and output gradient, so the
+    graph starts at the activations (the embedding output; block by block, each block's
+    input). The whole-model path runs one more forward without gradients first, to gather
+    the scale-search importance (the block-by-block path gathers it in its forward sweep). Scores are summed
     over batches, like :func:`delta_loss_scores`, and may be negative (a first-order gain).
 
     Args:
