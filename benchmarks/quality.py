@@ -55,7 +55,9 @@ DEFAULT_ROWS = (
     + [f"{peer}-{s}" for peer in ("ar", "arv2") for s in ("W4G128-sym", "W3G128-sym", "W2G64-sym")]
     + [f"ours-A{avg}-{opts}-sym{abl}" for avg in ("3.0", "2.5") for opts, abl in
        (("W2G64+W4G128", ""), ("W2G64+W4G128", "-anchor"), ("W2G64+W4G128", "-proxy"), ("W2G64+W4G128", "-fisher"),
-        ("W2G64+W3G128+W4G128", ""))]
+        ("W2G64+W3G128+W4G128", ""), ("W2G64+W3G128+W4G128", "-fisher"))]
+    # the three options within uniform W3G128's cost on SmolLM2 (3.1354 bits: 5 scales per 576-wide row, 12 per 1536)
+    + ["ours-A3.135-W2G64+W3G128+W4G128-sym-fisher"]
 )
 ROW = re.compile(r"^(fp|rtn|ours|ar|arv2)(?:-A(\d+(?:\.\d+)?))?(?:-(W\dG-?\d+(?:\+W\dG-?\d+)*)-(sym|asym))?"
                  r"(?:-(noscale|notopk|droptopk|proxy|anchor|fisher))?$")
