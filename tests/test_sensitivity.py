@@ -196,8 +196,8 @@ def test_second_order_delta_loss_equals_the_autograd_taylor_estimate(arch, by_bl
 @pytest.mark.parametrize("by_blocks", [False, True])
 def test_second_order_delta_loss_builds_no_weight_gradient(by_blocks, ids):
     """The Taylor hooks need activation gradients only: in the pass that builds a graph, every
-    scored layer's output needs a gradient while no weight does (a weight gradient would cost a
-    third of the backward for nothing), and every layer is scored."""
+    scored layer's output needs a gradient while no weight does (a weight gradient would be
+    computed and held only to be dropped), and every layer is scored."""
     model = tiny_llama()
     layers = quantizable_layers(model, [])
     graph_calls = {n: 0 for n in layers}

@@ -145,8 +145,9 @@ def taylor_scores(
     no weight gradient: the hooks need only each layer's input and output gradient, so the
     graph starts at the activations (the embedding output; block by block, each block's
     input). The whole-model path runs one more forward without gradients first, to gather
-    the scale-search importance (the block-by-block path gathers it in its forward sweep). Scores are summed
-    over batches, like :func:`delta_loss_scores`, and may be negative (a first-order gain).
+    the scale-search importance (the block-by-block path gathers it in its forward sweep).
+    Scores are summed over batches, like :func:`delta_loss_scores`, and may be negative (a
+    first-order gain).
 
     Args:
         scale_search: price ``W − Q(W)`` with the searched scales tuning starts from (spec
@@ -275,7 +276,9 @@ def _score_whole_model(model, layers, spec, batches, scale_dtype, device, on_gra
     """``on_grad`` None: no weight leaves at all (the weights stay as they are and need no
     gradient); the embedding output is made to need one, so the backward reaches every layer's
     output and computes activation gradients only."""
-    with _quantized_leaves(layers, spec, scale_dtype, on_grad) if on_grad is not None else _graph_from_embeddings(model):
+    graph = (_quantized_leaves(layers, spec, scale_dtype, on_grad) if on_grad is not None
+             else _graph_from_embeddings(model))
+    with graph:
         for batch in batches:
             batch = batch.to(device)
             model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
