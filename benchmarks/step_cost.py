@@ -65,6 +65,23 @@ def tunable_copy(block, spec: QuantSpec):
     return block, tunables
 
 
+def prepare_block(index: int):
+    """SmolLM2's block ``index`` with its float-chain calibration inputs and float outputs."""
+    model_dir = smollm2_path()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model.requires_grad_(False)
+    ids = build_calibration(calibration_texts(), tok, NSAMPLES, SEQLEN, SEED)
+    _, blocks = find_blocks(model)
+    hidden, call_args, call_kwargs = capture_block_inputs(model, blocks, ids)
+    call = BlockCall(call_args, call_kwargs)
+    with torch.no_grad():
+        for earlier in blocks[:index]:
+            hidden = call.batched(earlier, hidden, BATCH)
+    target = call.batched(blocks[index], hidden, BATCH)
+    return blocks[index], call, hidden, target
+
+
 def matmul_rate(block, tokens: int, repeats: int = 5) -> float:
     """fp32 GFLOP/s of ``x @ W.T`` over the block's Linear shapes (best of ``repeats``)."""
     shapes = [m.weight.shape for m in block.modules() if isinstance(m, torch.nn.Linear)]
@@ -100,19 +117,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step_cost.json"))
     args = parser.parse_args()
-    model_dir = smollm2_path()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    model.requires_grad_(False)
-    ids = build_calibration(calibration_texts(), tok, NSAMPLES, SEQLEN, SEED)
-    _, blocks = find_blocks(model)
-    hidden, call_args, call_kwargs = capture_block_inputs(model, blocks, ids)
-    call = BlockCall(call_args, call_kwargs)
-    block = blocks[args.block]
-    with torch.no_grad():
-        for earlier in blocks[: args.block]:
-            hidden = call.batched(earlier, hidden, BATCH)
-    target = call.batched(block, hidden, BATCH)
+    block, call, hidden, target = prepare_block(args.block)
     spec = QuantSpec(2, 64, True)
     settings = TuneSettings(args.iters, 1.0 / 50, BATCH, 0.001, "huber", SEED)
 
