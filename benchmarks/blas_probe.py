@@ -23,23 +23,20 @@ starts, so they have to be set outside the process: run the script with and with
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import os
 import time
 import types
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from step_cost import BATCH, SEED, SEQLEN, prepare_block, tunable_copy
+from step_cost import BATCH, SEQLEN, STEP_SPEC, block_arguments, prepare_block, step_settings, tunable_copy
 
 import hf_signround.tuning as tuning
-from hf_signround.qfunc import QuantSpec
-from hf_signround.tuning import TuneSettings, tune_block
+from hf_signround.tuning import tune_block
 
 
 class NumpyLinear(torch.autograd.Function):
@@ -109,15 +106,11 @@ def gemm_rates(block, tokens: int, repeats: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--block", type=int, default=15)
-    parser.add_argument("--iters", type=int, default=20)
+    parser = block_arguments(__doc__, "benchmarks/results/blas_probe.json")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/blas_probe.json"))
     args = parser.parse_args()
     block, call, hidden, target = prepare_block(args.block)
-    spec = QuantSpec(2, 64, True)
-    settings = TuneSettings(args.iters, 1.0 / 50, BATCH, 0.001, "huber", SEED)
+    spec, settings = STEP_SPEC, step_settings(args.iters)
 
     rates = gemm_rates(block, BATCH * SEQLEN, 5 * args.repeats)
     steps = {"torch": [], "numpy": []}

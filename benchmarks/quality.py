@@ -21,7 +21,9 @@ from the calibration text) and dynamic programming under the `avg` budget, then 
 the `-proxy` ablation allocates by the weight-only proxy ||W - Q(W)||^2 instead, and
 `-anchor` by DeltaLoss with one gradient taken at the dearest option (`deltaloss_anchored`), and
 `-fisher` by second-order DeltaLoss (signed first-order plus empirical-Fisher term, float-model
-gradient, W - Q(W) from the pre-tuning scale search; `deltaloss_fisher`). Results are merged into the JSON file row by row, so an
+gradient, W - Q(W) from the pre-tuning scale search; `deltaloss_fisher`). A trailing `-untied`
+lets every Linear of a mixed row take its own option (`tie_fused=False`; by default q/k/v and
+gate/up share one). Results are merged into the JSON file row by row, so an
 interrupted run keeps what it finished.
 Every row also records the CPU it ran on: its model name, whether it has bfloat16
 instructions, and a bfloat16 matrix product's speed against float32 there (our `amp` uses
@@ -60,7 +62,7 @@ DEFAULT_ROWS = (
     + ["ours-A3.135-W2G64+W3G128+W4G128-sym-fisher"]
 )
 ROW = re.compile(r"^(fp|rtn|ours|ar|arv2)(?:-A(\d+(?:\.\d+)?))?(?:-(W\dG-?\d+(?:\+W\dG-?\d+)*)-(sym|asym))?"
-                 r"(?:-(noscale|notopk|droptopk|proxy|anchor|fisher))?$")
+                 r"(?:-(noscale|notopk|droptopk|proxy|anchor|fisher))?(-untied)?$")
 OPTION = re.compile(r"W(\d)G(-?\d+)")
 ITERS, NSAMPLES, SEQLEN, BATCH, SEED = 50, 32, 256, 8, 42
 SCORING_NSAMPLES, SCORING_SEQLEN = 16, 256
@@ -70,12 +72,15 @@ def parse(row: str) -> dict:
     m = ROW.match(row)
     if not m or (m.group(1) != "fp" and m.group(3) is None):
         raise SystemExit(f"unknown row {row!r}; see --list")
-    kind, avg, options, sym, ablation = m.groups()
+    kind, avg, options, sym, ablation, untied = m.groups()
     options = [(int(b), int(g)) for b, g in OPTION.findall(options)] if options else [(16, 0)]
     if (avg is None) != (len(options) == 1) or (avg is not None and kind != "ours"):
         raise SystemExit(f"row {row!r}: one scheme without A<avg>, or ours-A<avg> with several options")
+    if untied and avg is None:
+        raise SystemExit(f"row {row!r}: -untied is for mixed rows (ours-A<avg>-...) only")
     return {"kind": kind, "bits": options[0][0], "group_size": options[0][1], "sym": sym == "sym",
-            "ablation": ablation, "avg_bits": None if avg is None else float(avg), "options": options}
+            "ablation": ablation, "avg_bits": None if avg is None else float(avg), "options": options,
+            "tie_fused": not untied}
 
 
 def run_ours(model, spec: dict, calib: torch.Tensor, scoring: torch.Tensor) -> tuple[float, SignRoundV2Config]:
@@ -86,7 +91,7 @@ def run_ours(model, spec: dict, calib: torch.Tensor, scoring: torch.Tensor) -> t
         topk_mode="drop" if spec["ablation"] == "droptopk" else "huber",
         avg_bits=spec["avg_bits"], bit_options=spec["options"] if spec["avg_bits"] else None,
         sensitivity_method={"proxy": "weight_error", "anchor": "deltaloss_anchored", "fisher": "deltaloss_fisher"}.get(spec["ablation"], "deltaloss"),
-        sensitivity_nsamples=SCORING_NSAMPLES, sensitivity_seqlen=SCORING_SEQLEN,
+        sensitivity_nsamples=SCORING_NSAMPLES, sensitivity_seqlen=SCORING_SEQLEN, tie_fused=spec["tie_fused"],
     )
     start = time.perf_counter()
     quantize_model(model, cfg, calib if cfg.tunes else None, skip=["lm_head"], scoring=scoring)

@@ -65,6 +65,23 @@ def tunable_copy(block, spec: QuantSpec):
     return block, tunables
 
 
+STEP_SPEC = QuantSpec(2, 64, True)  # the W2G64 symmetric rows, where the time target was measured
+
+
+def step_settings(iters: int) -> TuneSettings:
+    """The quality benchmark's tuning settings (lr 1/50, batch 8, Huber top-k 0.1 %), for ``iters`` steps."""
+    return TuneSettings(iters, 1.0 / 50, BATCH, 0.001, "huber", SEED)
+
+
+def block_arguments(doc: str, out: str) -> argparse.ArgumentParser:
+    """The options of the one-block benchmarks: which block, how many steps, where the JSON goes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--block", type=int, default=15)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    return parser
+
+
 def prepare_block(index: int):
     """SmolLM2's block ``index`` with its float-chain calibration inputs and float outputs."""
     model_dir = smollm2_path()
@@ -112,14 +129,9 @@ def time_shares(run) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--block", type=int, default=15)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/step_cost.json"))
-    args = parser.parse_args()
+    args = block_arguments(__doc__, "benchmarks/results/step_cost.json").parse_args()
     block, call, hidden, target = prepare_block(args.block)
-    spec = QuantSpec(2, 64, True)
-    settings = TuneSettings(args.iters, 1.0 / 50, BATCH, 0.001, "huber", SEED)
+    spec, settings = STEP_SPEC, step_settings(args.iters)
 
     qblock, tunables = tunable_copy(block, spec)
     params = [p for t in tunables.values() for p in (t.v, t.alpha, t.beta)]
