@@ -6,7 +6,8 @@ measures, in one run:
 
 * the fp32 GFLOP/s of both libraries on the products of one SmolLM2 tuning step (per
   Linear shape: the forward ``x Wᵀ``, the input gradient ``δ W`` and the weight gradient
-  ``δᵀ x``, over 8 x 256 tokens), interleaved, best of ``--repeats``;
+  ``δᵀ x``, over 8 x 256 tokens), the two libraries in turn on each product, best of
+  5 x ``--repeats`` calls;
 * the wall time per step of ``tune_block`` on one block (default 15) at W2G64 symmetric,
   as the library runs it and with every quantized Linear's three products done by numpy
   on the same memory (no copies), interleaved, best of ``--repeats``.
@@ -24,7 +25,6 @@ starts, so they have to be set outside the process: run the script with and with
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import time
@@ -33,10 +33,9 @@ import types
 import numpy as np
 import torch
 import torch.nn.functional as F
-from step_cost import BATCH, SEQLEN, STEP_SPEC, block_arguments, prepare_block, step_settings, tunable_copy
+from step_cost import BATCH, SEQLEN, STEP_SPEC, block_arguments, prepare_block, step_settings, timed_steps
 
 import hf_signround.tuning as tuning
-from hf_signround.tuning import tune_block
 
 
 class NumpyLinear(torch.autograd.Function):
@@ -117,12 +116,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for backend, context in (("torch", contextlib.nullcontext), ("numpy", products_in_numpy)):
             with context():
-                qblock, tunables = tunable_copy(block, spec)
-                tune_block(qblock, tunables, call, hidden, target, dataclasses.replace(settings, iters=2))
-                qblock, tunables = tunable_copy(block, spec)
-                start = time.perf_counter()
-                tune_block(qblock, tunables, call, hidden, target, settings)
-                steps[backend].append((time.perf_counter() - start) / args.iters)
+                steps[backend].append(timed_steps(block, spec, call, hidden, target, settings)[1])
 
     env = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")}
     results = {"block": args.block, "iters": args.iters, "torch_threads": torch.get_num_threads(), "env": env,

@@ -99,6 +99,22 @@ def prepare_block(index: int):
     return blocks[index], call, hidden, target
 
 
+def timed_steps(block, spec: QuantSpec, call: BlockCall, hidden, target, settings: TuneSettings):
+    """Seconds of 2 warm-up steps (a compiled call compiles there), then seconds per step and the
+    loss history of ``settings.iters`` steps, each run on a fresh tunable copy of ``block``.
+
+    The per-step figure counts in tune_block's one no-grad evaluation after the last step.
+    """
+    qblock, tunables = tunable_copy(block, spec)
+    start = time.perf_counter()
+    tune_block(qblock, tunables, call, hidden, target, dataclasses.replace(settings, iters=2))
+    first_2 = time.perf_counter() - start
+    qblock, tunables = tunable_copy(block, spec)
+    start = time.perf_counter()
+    history = tune_block(qblock, tunables, call, hidden, target, settings)
+    return first_2, (time.perf_counter() - start) / settings.iters, history
+
+
 def matmul_rate(block, tokens: int, repeats: int = 5) -> float:
     """fp32 GFLOP/s of ``x @ W.T`` over the block's Linear shapes (best of ``repeats``)."""
     shapes = [m.weight.shape for m in block.modules() if isinstance(m, torch.nn.Linear)]
@@ -145,17 +161,8 @@ def main() -> None:
                "torch_threads": torch.get_num_threads(), "step_gflop": step_gflop,
                "matmul_gflop_per_s": rate, "floor_s_per_step": step_gflop / rate}
     for name, make_call in (("eager", lambda: call), ("compiled", lambda: CompiledCall(call))):
-        qblock, tunables = tunable_copy(block, spec)
-        this_call = make_call()
-        warm = dataclasses.replace(settings, iters=2)
-        start = time.perf_counter()
-        tune_block(qblock, tunables, this_call, hidden, target, warm)  # compiles on the first call
-        results[f"{name}_first_2_steps_s"] = time.perf_counter() - start
-        qblock, tunables = tunable_copy(block, spec)
-        start = time.perf_counter()
-        history = tune_block(qblock, tunables, this_call, hidden, target, settings)
-        # per step, with tune_block's one no-grad evaluation after the last step counted in
-        results[f"{name}_s_per_step"] = (time.perf_counter() - start) / args.iters
+        first_2, per_step, history = timed_steps(block, spec, make_call(), hidden, target, settings)
+        results[f"{name}_first_2_steps_s"], results[f"{name}_s_per_step"] = first_2, per_step
         results[f"{name}_best_loss"] = min(history)
     qblock, tunables = tunable_copy(block, spec)
     shares = time_shares(lambda: tune_block(qblock, tunables, call, hidden, target, settings))
