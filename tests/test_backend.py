@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_signround import SignRoundV2Config
 from hf_signround.kernels import backend as backend_mod
-from hf_signround.kernels.backend import ENV_VAR, select_backend, triton_installed
+from hf_signround.kernels.backend import ENV_VAR, choose, triton_installed
 from hf_signround.kernels.reference import linear_reference
 from hf_signround.qlinear import QuantLinear, set_backend
 from hf_signround.quantize import quantize_model
@@ -38,9 +38,15 @@ def _no_env_override(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
 
 
-def test_auto_uses_torch_for_cpu_inputs() -> None:
+def select_backend(requested: str, x: torch.Tensor, bits: int, group_size: int) -> str:
+    return choose(requested, _layer(bits=bits, group_size=group_size), x.device, x.dtype).name
+
+
+def test_auto_never_picks_triton_for_cpu_inputs(monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = torch.randn(2, 96)
-    assert select_backend("auto", x, 4, 128) == "torch"
+    assert select_backend("auto", x, 4, 128) in ("ark", "torch")
+    assert select_backend("auto", x.half(), 4, 128) in ("ark", "aten_int4", "torch")
     assert select_backend("torch", x, 4, 128) == "torch"
 
 
@@ -55,8 +61,8 @@ def test_explicit_triton_without_triton_raises(monkeypatch) -> None:
     monkeypatch.setattr(backend_mod, "_TRITON_INSTALLED", False)
     with pytest.raises(RuntimeError, match="pip install triton"):
         _layer("triton")(torch.randn(1, 96, dtype=torch.float16))
-    # auto quietly falls back to the reference
-    assert select_backend("auto", torch.randn(1, 96, dtype=torch.float16), 4, 32) == "torch"
+    # auto quietly falls back to a CPU kernel
+    assert select_backend("auto", torch.randn(1, 96, dtype=torch.float16), 4, 32) != "triton"
 
 
 @needs_triton
@@ -68,7 +74,7 @@ def test_explicit_triton_on_unsupported_layer_raises(group_size, dtype, match) -
     x = torch.randn(1, 96, dtype=dtype, device=DEVICE)
     with pytest.raises(RuntimeError, match=match):
         layer(x)
-    assert select_backend("auto", x, 4, group_size) == "torch"
+    assert select_backend("auto", x, 4, group_size) != "triton"
 
 
 def test_env_var_overrides_the_layer(monkeypatch) -> None:
@@ -79,7 +85,10 @@ def test_env_var_overrides_the_layer(monkeypatch) -> None:
     ref = linear_reference(x, layer.qweight, layer.scales, layer.qzeros, layer.bias, bits=4, group_size=32,
                            in_features=96)
     assert torch.equal(layer(x), ref)
+    assert layer.kernel == "torch"
     monkeypatch.setenv(ENV_VAR, "cuda")
+    assert torch.equal(layer(x), ref)  # read when a kernel is chosen, not on every call
+    layer.release()
     with pytest.raises(ValueError, match=f"{ENV_VAR}='cuda' is not a backend"):
         layer(x)
 

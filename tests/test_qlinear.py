@@ -49,7 +49,7 @@ def test_dequant_and_forward_exact(bits: int, group_size: int, sym: bool, n: int
     codes, scales, zeros, bias = _make(n, k, bits, group_size, sym, seed=bits * 1000 + group_size)
     m = QuantLinear.from_codes(
         codes, scales, zeros, bits=bits, group_size=group_size, sym=sym, bias=bias,
-        scale_dtype=torch.float16,
+        scale_dtype=torch.float16, backend="torch",  # the reference; other kernels: tests/test_cpu_kernels.py
     )
     w_ref = _direct_weight(codes, scales, zeros, bits, group_size)
     assert torch.equal(m.dequantize_weight(torch.float32), w_ref)
@@ -70,7 +70,7 @@ def test_k_not_multiple_of_32_per_row_group(bits: int, sym: bool) -> None:
     codes, scales, zeros, _ = _make(n, k, bits, -1, sym, seed=bits)
     m = QuantLinear.from_codes(
         codes, scales, zeros, bits=bits, group_size=-1, sym=sym, bias=None,
-        scale_dtype=torch.float32,
+        scale_dtype=torch.float32, backend="torch",
     )
     assert m.qweight.shape == (4 * bits, n)
     assert m.num_groups == 1

@@ -15,16 +15,16 @@ pytest.importorskip("triton", reason="Triton is not installed (pip install trito
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hf_signround.kernels.reference import linear_reference
+from hf_signround.kernels.reference import dequantize_packed, linear_reference
 from hf_signround.kernels.triton_kernels import CONFIGS
-from hf_signround.kernels.triton_launch import quant_linear
+from hf_signround.kernels.triton_launch import DEQUANT_MIN_ROWS, dequantize, kernel_for_rows, quant_linear
 from hf_signround.qlinear import QuantLinear
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BITS = [2, 3, 4, 8]
 GROUPS = [32, 64, 128, -1]
 DTYPES = [torch.float16, torch.bfloat16]
-ROWS = {"gemv": 1, "decode": 5, "prefill": 40}
+ROWS = {"gemv": 1, "decode": 5, "prefill": 40, "dequant": 40}
 # Allowed normwise error of the fused result against the reference in the activation dtype:
 # both round the same float32 weights once; they differ by summation order and one output rounding.
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
@@ -77,6 +77,30 @@ def test_kernel_matches_reference(kernel: str, bits: int, group_size: int, sym: 
     x = _x(ROWS[kernel], 320, dtype)
     y = _run(layer, x, kernel=kernel, config=CONFIGS[kernel][0])
     _assert_matches_reference(layer, x, y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("group_size", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_dequantize_writes_the_reference_weight_exactly(bits: int, group_size: int, sym: bool, dtype) -> None:
+    layer = _layer(72, 320, bits, group_size, sym, dtype, seed=bits * 10 + group_size)
+    for out in (torch.float32, dtype):
+        w = dequantize(layer.qweight, layer.scales, layer.qzeros, bits, group_size, 320, out)
+        ref = dequantize_packed(layer.qweight, layer.scales, layer.qzeros, bits=bits, group_size=group_size,
+                                in_features=320, out_dtype=out).T
+        assert w.shape == (320, 72) and w.is_contiguous() and w.dtype == out
+        if out == torch.bfloat16 and DEVICE == "cpu":
+            # Triton's interpreter rounds float32 to bfloat16 toward zero, a GPU to nearest: one step apart.
+            step = torch.finfo(torch.bfloat16).eps * ref.float().abs()
+            assert ((w.float() - ref.float()).abs() <= step).all()
+        else:
+            assert torch.equal(w, ref)
+
+
+def test_kernel_for_rows() -> None:
+    assert [kernel_for_rows(m) for m in (1, 2, 16, 17, DEQUANT_MIN_ROWS, DEQUANT_MIN_ROWS + 1)] == [
+        "gemv", "decode", "decode", "prefill", "prefill", "dequant"]
 
 
 @pytest.mark.parametrize("kernel", sorted(ROWS))
@@ -163,7 +187,7 @@ def test_tuning_picks_a_correct_config() -> None:
     from hf_signround.kernels import triton_launch
 
     layer = _layer(4096, 1024, 4, 128, sym=False, dtype=torch.float16)
-    for rows in (1, 8, 300):
+    for rows in (1, 8, 100, 300):
         x = _x(rows, 1024, torch.float16)
         _assert_matches_reference(layer, x, _run(layer, x))
-    assert {key[0] for key in triton_launch.TUNED} >= {"gemv", "decode", "prefill"}
+    assert {key[0] for key in triton_launch.TUNED} >= {"gemv", "decode", "prefill", "dequant"}

@@ -108,9 +108,10 @@ class SignRoundV2Config(QuantizationConfigMixin):
             (docs/BENCHMARKS.md).
         scale_dtype: storage dtype of the per-group scales.
         format_version: packed checkpoint layout version (see ``packing.py``).
-        backend: kernels for the quantized layers' forward: ``"auto"`` (fused Triton kernels for
-            CUDA inputs when Triton is installed, else the pure-torch reference), ``"triton"``
-            (raise where they cannot run) or ``"torch"``; ``HF_SIGNROUND_BACKEND`` overrides it.
+        backend: kernels for the quantized layers' forward: ``"auto"`` (the fastest that can run:
+            Triton on CUDA, auto-round-lib's or torch's int4 kernel on CPU, else the pure-torch
+            reference), or one of ``"triton"``, ``"ark"``, ``"aten_int4"``, ``"torch"`` (raise where
+            it cannot run); ``HF_SIGNROUND_BACKEND`` overrides it (see kernels/backend.py).
         avg_bits: target average bits per quantized weight, counting the per-group scales and
             zero points (spec §2). When set, every layer not pinned by ``layer_config`` gets one
             of ``bit_options`` by dynamic programming on its sensitivity; the realised average

@@ -17,6 +17,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .calibration import build_calibration, is_token_ids
 from .config import QUANT_METHOD, SignRoundV2Config
+from .qlinear import prepare_model
 from .quantize import quantize_model, replace_with_empty_quant_linears
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class SignRoundV2HfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         if self.pre_quantized:
+            prepare_model(model)  # choose kernels and convert weights now, not in the first forward
             return model
         config = self.quantization_config
         skip = self.get_modules_to_not_convert(

@@ -84,7 +84,6 @@ __all__ = [
 
 SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
 _BLOCK = 32
-_WORD_MASK = 0xFFFFFFFF
 
 
 def check_bits(bits: int) -> int:
@@ -181,18 +180,19 @@ def unpack_int32_lastdim(words: torch.Tensor, bits: int, length: int) -> torch.T
     rows = words.shape[0]
     nblocks = expected // bits
     device = words.device
-    # Mask to the unsigned 32-bit pattern so right shifts of negative words stay logical.
-    w = (words.to(torch.int64) & _WORD_MASK).reshape(rows, nblocks, bits)
+    # int32 throughout: a right shift of a negative word fills with ones from the top, but the
+    # mask keeps only the ``bits`` lowest bits, which are the same as a logical shift's.
+    w = words.reshape(rows, nblocks, bits)
 
     if bits == 3:
-        shifts_lo = torch.arange(16, device=device, dtype=torch.int64) * 2
+        shifts_lo = torch.arange(16, device=device, dtype=torch.int32) * 2
         lo = ((w[..., :2, None] >> shifts_lo) & 3).reshape(rows, nblocks, _BLOCK)
-        shifts_hi = torch.arange(_BLOCK, device=device, dtype=torch.int64)
+        shifts_hi = torch.arange(_BLOCK, device=device, dtype=torch.int32)
         hi = (w[..., 2:3] >> shifts_hi) & 1
         v = lo | (hi << 2)
     else:
         per_word = _BLOCK // bits
-        shifts = torch.arange(per_word, device=device, dtype=torch.int64) * bits
+        shifts = torch.arange(per_word, device=device, dtype=torch.int32) * bits
         v = (w[..., None] >> shifts) & ((1 << bits) - 1)
 
     return v.reshape(rows, nblocks * _BLOCK)[:, :length].to(torch.uint8)

@@ -11,9 +11,13 @@ Parameters (``N = out_features``, ``K = in_features``, ``G`` groups along ``K``)
 They are ``nn.Parameter(requires_grad=False)`` rather than buffers because
 accelerate's offloading hooks only manage parameters.
 
-``forward`` dispatches on ``backend`` (``"auto"``, ``"triton"``, ``"torch"``; see
-:mod:`hf_signround.kernels.backend`): the fused Triton kernels for CUDA inputs, the
-pure-torch reference otherwise. ``HF_SIGNROUND_BACKEND`` overrides it.
+``forward`` runs the kernel :func:`hf_signround.kernels.backend.choose` picks for the
+``backend`` setting, chosen on the first call for a device and activation dtype and kept
+(:meth:`QuantLinear.prepare` makes that choice ahead of time; :func:`set_backend`, a move
+with ``.to()`` and a state-dict load undo it). A kernel that keeps the weights in its own
+packed form (auto-round-lib's CPU kernels) replaces ``qweight`` in memory by a placeholder
+on the meta device with the same shape; ``state_dict()``, ``save_pretrained`` and
+:meth:`QuantLinear.stored_qweight` give the stored codes back, bit for bit.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import torch
 from torch import nn
 
 from hf_signround.kernels import reference
-from hf_signround.kernels.backend import check_backend, quant_linear_op, select_backend
+from hf_signround.kernels.backend import Plan, check_backend, choose
+from hf_signround.memory import drop_file_pages, return_freed_memory
 from hf_signround.packing import (
     check_bits,
     num_groups,
@@ -35,7 +40,7 @@ from hf_signround.packing import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QuantLinear", "set_backend"]
+__all__ = ["QuantLinear", "prepare_model", "set_backend"]
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
@@ -75,6 +80,7 @@ class QuantLinear(nn.Module):
         self._sym = bool(sym)
         self.scale_dtype = scale_dtype
         self.bias_dtype = scale_dtype if bias_dtype is None else bias_dtype
+        self._plan: Plan | None = None  # the kernel chosen for the last device and dtype (see prepare)
 
         # Registration order fixes the state-dict key order: qweight, scales, qzeros, bias.
         self.qweight = _frozen(
@@ -183,10 +189,16 @@ class QuantLinear(nn.Module):
         return self._sym
 
     # ------------------------------------------------------------------ compute
+    def stored_qweight(self) -> torch.Tensor:
+        """The packed codes as stored (``int32 (ceil(K/32)*bits, N)``), also while a kernel holds its own copy."""
+        if self.qweight.device.type == "meta" and self._plan is not None:
+            return self._plan.prepared.stored_qweight(self)
+        return self.qweight
+
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense ``(out_features, in_features)`` weight; ``dtype`` defaults to the scales' dtype."""
         return reference.dequantize_packed(
-            self.qweight,
+            self.stored_qweight(),
             self.scales,
             self.qzeros,
             bits=self._bits,
@@ -196,25 +208,57 @@ class QuantLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        backend = select_backend(self.backend, x, self._bits, self._group_size)
-        return _FORWARD[backend](self, x)
+        plan = self._plan
+        if plan is None or plan.device != x.device or plan.dtype != x.dtype:
+            plan = self.prepare(x.device, x.dtype)
+        return plan.run(self, x, plan.prepared)
 
-    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.linear_reference(
-            x,
-            self.qweight,
-            self.scales,
-            self.qzeros,
-            self.bias,
-            bits=self._bits,
-            group_size=self._group_size,
-            in_features=self._in_features,
-        )
+    @torch.compiler.disable
+    def prepare(self, device: torch.device | str, dtype: torch.dtype) -> Plan:
+        """Choose the kernel for ``dtype`` activations on ``device`` now and convert the weights for it.
 
-    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
-        return quant_linear_op(
-            x, self.qweight, self.scales, self.qzeros, self.bias, self._bits, self._group_size, self._in_features
-        )
+        Called by the first forward for a device and dtype; calling it ahead (the loader does)
+        keeps that work out of the first forward and out of ``torch.compile``'s trace.
+        """
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.release()
+        kernel = choose(self.backend, self, device, dtype)
+        if kernel.name != "torch" and _offloaded(self):
+            kernel = choose("torch", self, device, dtype)  # accelerate swaps the weights in on every call
+        with torch.no_grad():
+            prepared = kernel.prepare(self, dtype)
+        self._plan = Plan(kernel, device, dtype, prepared, kernel.runner())
+        if getattr(prepared, "holds_codes", False):  # keep one copy: stored_qweight() rebuilds the codes from it
+            drop_file_pages(self.qweight)  # when it was read from a memory-mapped checkpoint
+            self.qweight = _frozen(torch.empty(self.qweight.shape, dtype=torch.int32, device="meta"))
+        logger.debug("%s: %s kernel for %s activations on %s", self.extra_repr(), kernel.name, dtype, device)
+        return self._plan
+
+    def release(self) -> None:
+        """Drop the chosen kernel and its prepared weights, restoring the stored ``qweight``."""
+        if self._plan is not None and self.qweight.device.type == "meta":
+            self.qweight = _frozen(self._plan.prepared.stored_qweight(self))
+        self._plan = None
+
+    @property
+    def kernel(self) -> str | None:
+        """The name of the kernel chosen for the last device and dtype, or None before the first call."""
+        return None if self._plan is None else self._plan.kernel.name
+
+    def _apply(self, fn, recurse=True):
+        self.release()  # .to(), .cuda(), ...: move the stored tensors, choose again on the next call
+        return super()._apply(fn, recurse)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qweight.device.type == "meta" and self._plan is not None:
+            destination[prefix + "qweight"] = self.stored_qweight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.release()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def packed_nbytes(self) -> int:
         """Total bytes of the stored tensors (qweight, scales, qzeros, bias)."""
@@ -232,13 +276,31 @@ class QuantLinear(nn.Module):
         )
 
 
-_FORWARD = {"torch": QuantLinear._forward_torch, "triton": QuantLinear._forward_triton}
+def _offloaded(module: nn.Module) -> bool:
+    hook = getattr(module, "_hf_hook", None)
+    return bool(getattr(hook, "offload", False))
 
 
 def set_backend(model: nn.Module, backend: str) -> int:
-    """Set ``backend`` (``"auto"``, ``"triton"``, ``"torch"``) on every QuantLinear of ``model``; returns their count."""
+    """Set ``backend`` (one of ``kernels.backend.BACKENDS``) on every QuantLinear of ``model``; returns their count.
+
+    Each layer chooses its kernel again on its next call.
+    """
     check_backend(backend)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for layer in layers:
+        layer.release()
         layer.backend = backend
+    return len(layers)
+
+
+def prepare_model(model: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> int:
+    """Choose every QuantLinear's kernel and convert its weights now, for ``dtype`` activations on ``device``
+    (default: where each layer's scales are, and the model's dtype). Returns the number of layers."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    dtype = dtype or getattr(model, "dtype", None) or torch.float32
+    for layer in layers:
+        if layer.scales.device.type != "meta":
+            layer.prepare(device or layer.scales.device, dtype)
+            return_freed_memory()  # a conversion's temporaries: glibc would keep them, layer after layer
     return len(layers)

@@ -47,11 +47,16 @@ def plan_layers(model: nn.Module, config: SignRoundV2Config, skip: list[str] | t
 
 
 def to_quant_linear(layer: nn.Linear, spec: QuantSpec, scale_dtype: torch.dtype, **tuned: torch.Tensor) -> QuantLinear:
-    """Freeze a Linear (with optional tuned ``v``/``alpha``/``beta``) into a packed QuantLinear."""
+    """Freeze a Linear (with optional tuned ``v``/``alpha``/``beta``) into a packed QuantLinear.
+
+    It runs the reference kernel while the pipeline uses it (the quantized chain's outputs do
+    not depend on the machine's kernels); ``quantize_model`` sets the configured backend at the end.
+    """
     codes, scales, zeros = quantize_rtn(layer.weight.detach(), spec, scale_dtype=scale_dtype, **tuned)
     bias = None if layer.bias is None else layer.bias.detach()
     return QuantLinear.from_codes(
-        codes, scales, zeros, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, bias=bias, scale_dtype=scale_dtype
+        codes, scales, zeros, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, bias=bias,
+        scale_dtype=scale_dtype, backend="torch",
     )
 
 

@@ -25,9 +25,6 @@ supported here yet. Both errors point to ``from_pretrained(..., device_map="auto
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import json
 import logging
 from collections import defaultdict
@@ -40,6 +37,7 @@ from tqdm.auto import tqdm
 from .blocks import capture_block_inputs, find_blocks, set_module, to_device
 from .calibration import build_calibration
 from .config import SignRoundV2Config
+from .memory import return_freed_memory
 from .quantize import BlockReport, _tune_block, plan_layers, to_quant_linear
 from .shards import ShardWriter
 from .tuning import BlockCall
@@ -230,7 +228,7 @@ def quantize_checkpoint(
         tensor = source.read([key])[key]
         writer.add(source.files[key][1], tensor.to(state[key].dtype) if tensor.is_floating_point() else tensor)
         del tensor
-        _return_freed_memory()
+        return_freed_memory()
     del state
 
     scale_dtype = getattr(torch, config.scale_dtype)
@@ -256,7 +254,7 @@ def quantize_checkpoint(
         for key, tensor in _stored_names(model, {f"{name}.{k}": t for k, t in block.state_dict().items()}).items():
             writer.add(key, tensor)
         block.to("meta")  # frees the block
-        _return_freed_memory()
+        return_freed_memory()
     files = writer.close()
 
     config.layer_config = {n: {"bits": s.bits, "group_size": s.group_size, "sym": s.sym} for n, s in plan.items()}
@@ -265,23 +263,6 @@ def quantize_checkpoint(
     _copy_generation_config(model_dir, out)
     logger.info("quantized %d layers in %d blocks into %s (%s)", len(plan), len(blocks), out, ", ".join(files))
     return {f"{prefix}.{i}": report for i, report in reports.items()}
-
-
-def _return_freed_memory() -> None:
-    """Hand memory freed by the block back to the OS. glibc keeps freed heap chunks for reuse,
-    and a block's float weights and temporaries, freed, left RSS about one block higher per
-    block (measured: +10 MB per 13.6 MB block without this, +1.8 MB, the packed block, with it)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        return None
 
 
 def _to_meta(root: nn.Module, keys: list[str]) -> None:

@@ -84,10 +84,11 @@ def gptq_layer_tensors(layer: QuantLinear) -> tuple[dict[str, torch.Tensor], dic
     g_idx = torch.zeros(k, dtype=torch.int32) if group == -1 else torch.arange(k, dtype=torch.int32) // group
 
     mirror = zeros == 0  # (G, N); only possible when asymmetric
+    stored = layer.stored_qweight()  # also while a CPU kernel holds the weights in its own form
     if bits != 3 and not mirror.any():
-        qweight = layer.qweight.detach().clone()  # 2/4/8 bits, K % 32 == 0: GPTQ's words are ours
+        qweight = stored.detach().clone()  # 2/4/8 bits, K % 32 == 0: GPTQ's words are ours
     else:
-        codes = unpack_qweight_kmajor(layer.qweight, bits, k)  # (N, K)
+        codes = unpack_qweight_kmajor(stored, bits, k)  # (N, K)
         if mirror.any():
             scales = torch.where(mirror, -scales, scales)
             zeros = torch.where(mirror, float(maxq), zeros)

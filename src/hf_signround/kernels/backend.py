@@ -1,32 +1,57 @@
-"""Backend choice for ``QuantLinear`` and the ``hf_signround::quant_linear`` custom op.
+"""Which kernel runs a ``QuantLinear``, chosen once per layer, device and activation dtype.
 
-Backends: ``"torch"`` (``reference.linear_reference``, runs anywhere), ``"triton"`` (the fused
-kernels of ``triton_kernels.py``) and ``"auto"``: Triton for CUDA inputs the kernels support
-when Triton is installed, else torch. The environment variable ``HF_SIGNROUND_BACKEND``
-overrides every layer's setting. This module is the one place that looks for Triton; the
-kernel modules are imported only when a Triton forward actually runs.
+Backends (the ``backend`` setting; ``HF_SIGNROUND_BACKEND`` overrides it, read when a choice is made):
 
-The Triton path is registered as a ``torch.library.custom_op`` with a fake (shape-only)
-implementation, so ``torch.compile`` treats it as one opaque node instead of breaking the
-graph on the kernel launch.
+============  ==========================================================================
+``"auto"``    the fastest that can run (measured, docs/BENCHMARKS.md): ``triton`` for CUDA
+              inputs in float16/bfloat16; on CPU, float32 activations: ``ark`` when
+              auto-round-lib is installed; bfloat16/float16: ``aten_int4`` for the layers
+              it takes, else ``ark``; else ``torch``
+``"triton"``  the fused Triton kernels (``triton_kernels.py``), reading the stored tensors
+``"ark"``     auto-round-lib's CPU kernels (``ark.py``), float32 compute, every bit width
+``"aten_int4"`` torch's CPU int4 kernel (``aten_int4.py``), 2-4 bits
+``"torch"``   the reference (``reference.py``): dequantize, then ``F.linear``; runs anywhere
+============  ==========================================================================
+
+A :class:`Kernel` says why it cannot run a layer (``problem``, with the fix), turns the
+stored tensors into its own form once (``prepare``) and runs (the function ``runner`` gives). A prepared form with
+``holds_codes`` true and a ``stored_qweight(layer)`` method replaces the stored ``qweight`` in
+memory (see ``QuantLinear.prepare``). ``QuantLinear`` asks
+:func:`choose` on its first call for a device and dtype and keeps the answer, so a forward
+pass costs one comparison before the kernel call. This module is the one place that looks
+for the optional Triton and auto-round-lib packages; their kernel modules are imported only
+when chosen. The Triton and ARK calls are ``torch.library`` custom ops with shape-only fake
+implementations, so ``torch.compile(fullgraph=True)`` traces through them.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["BACKENDS", "ENV_VAR", "check_backend", "select_backend", "triton_installed", "triton_interpret"]
+__all__ = ["BACKENDS", "ENV_VAR", "Kernel", "Plan", "check_backend", "choose", "triton_installed",
+           "triton_interpret", "ark_installed"]
 
-BACKENDS = ("auto", "triton", "torch")
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "triton", "ark", "aten_int4", "torch")
 ENV_VAR = "HF_SIGNROUND_BACKEND"
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_ARK_INSTALLED = importlib.util.find_spec("auto_round_kernel") is not None
 
 
 def triton_installed() -> bool:
     return _TRITON_INSTALLED
+
+
+def ark_installed() -> bool:
+    return _ARK_INSTALLED
 
 
 def triton_interpret() -> bool:
@@ -40,39 +65,174 @@ def check_backend(name: str, where: str = "backend") -> str:
     return name
 
 
-def _triton_problem(x: torch.Tensor, bits: int, group_size: int) -> str | None:
-    """Why the Triton kernels cannot run on ``x`` for this layer, with the fix; ``None`` if they can."""
+@dataclass(frozen=True)
+class Kernel:
+    """One backend, as ``QuantLinear`` uses it. ``layer`` is the QuantLinear (its stored tensors and shape)."""
+
+    name: str
+    problem: Callable[[Any, torch.device, torch.dtype], str | None]  # why it cannot run, with the fix
+    prepare: Callable[[Any, torch.dtype], Any]  # the kernel's own form of the weights (None: reads the stored ones)
+    runner: Callable[[], Callable[[Any, torch.Tensor, Any], torch.Tensor]]  # imports it, gives (layer, x, prepared) -> y
+
+
+@dataclass
+class Plan:
+    """A layer's chosen kernel for one device and activation dtype, with its prepared weights."""
+
+    kernel: Kernel
+    device: torch.device
+    dtype: torch.dtype
+    prepared: Any = None
+    run: Callable[[Any, torch.Tensor, Any], torch.Tensor] | None = None  # kernel.runner(), resolved once
+
+
+# ----------------------------------------------------------------------------- torch (reference)
+def _torch_runner():
+    from hf_signround.kernels.reference import linear_reference
+
+    def run(layer, x, prepared):
+        return linear_reference(x, layer.qweight, layer.scales, layer.qzeros, layer.bias, bits=layer.bits,
+                                group_size=layer.group_size, in_features=layer.in_features)
+
+    return run
+
+
+# ----------------------------------------------------------------------------- triton
+def _triton_problem(layer, device: torch.device, dtype: torch.dtype) -> str | None:
     if not _TRITON_INSTALLED:
         return "Triton is not installed: `pip install triton` (or hf-signround[triton]), or use backend='torch'"
-    if x.device.type != "cuda" and not triton_interpret():
+    if device.type != "cuda" and not triton_interpret():
         return (
-            f"the input is on {x.device.type}, and the Triton kernels need a CUDA tensor: move the model to a GPU, "
+            f"the input is on {device.type}, and the Triton kernels need a CUDA tensor: move the model to a GPU, "
             "use backend='torch', or set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) CPU interpreter"
         )
     from hf_signround.kernels.triton_launch import unsupported_reason
 
-    return unsupported_reason(x.dtype, bits, group_size)
+    return unsupported_reason(dtype, layer.bits, layer.group_size)
 
 
-def select_backend(requested: str, x: torch.Tensor, bits: int, group_size: int) -> str:
-    """The backend (``"torch"`` or ``"triton"``) that runs this forward.
+def _triton_runner():
+    def run(layer, x, prepared):
+        return quant_linear_op(x, layer.qweight, layer.scales, layer.qzeros, layer.bias, layer.bits,
+                               layer.group_size, layer.in_features)
 
-    ``HF_SIGNROUND_BACKEND``, when set, overrides ``requested``. An explicit ``"triton"``
-    that cannot run raises ``RuntimeError`` naming the problem and the fix.
+    return run
+
+
+# ----------------------------------------------------------------------------- ark (auto-round-lib, CPU)
+def _ark_problem(layer, device: torch.device, dtype: torch.dtype) -> str | None:
+    if not _ARK_INSTALLED:
+        return ("auto-round-lib is not installed: `pip install 'hf-signround[cpu]'` (x86-64 Linux), or use "
+                "backend='torch'")
+    if device.type != "cpu":
+        return f"auto-round-lib's kernels run on CPU, and the input is on {device.type}"
+    return None
+
+
+def _ark_prepare(layer, dtype):
+    from hf_signround.kernels import ark
+
+    return ark.prepare(layer.qweight, layer.scales, layer.qzeros, layer.bias, bits=layer.bits,
+                       group_size=layer.group_size, in_features=layer.in_features)
+
+
+def _ark_runner():
+    from hf_signround.kernels.ark import ark_linear
+
+    def run(layer, x, prepared):
+        return ark_linear(x, prepared, layer.out_features)
+
+    return run
+
+
+# ----------------------------------------------------------------------------- aten_int4 (torch's CPU kernel)
+def _int4_problem(layer, device: torch.device, dtype: torch.dtype) -> str | None:
+    if device.type != "cpu":
+        return f"torch's int4 CPU kernel runs on CPU, and the input is on {device.type}"
+    from hf_signround.kernels.aten_int4 import unsupported_reason
+
+    return unsupported_reason(layer.bits, layer.group_size, layer.in_features, layer.out_features)
+
+
+def _int4_prepare(layer, dtype):
+    from hf_signround.kernels import aten_int4
+
+    return aten_int4.prepare(layer.qweight, layer.scales, layer.qzeros, layer.bias, bits=layer.bits,
+                             group_size=layer.group_size, in_features=layer.in_features, dtype=dtype)
+
+
+def _int4_runner():
+    from hf_signround.kernels.aten_int4 import int4_linear
+
+    def run(layer, x, prepared):
+        return int4_linear(x, prepared, layer.out_features)
+
+    return run
+
+
+def _nothing(layer, dtype) -> None:
+    return None  # the kernel reads the stored tensors
+
+
+KERNELS: dict[str, Kernel] = {
+    "torch": Kernel("torch", lambda layer, device, dtype: None, _nothing, _torch_runner),
+    "triton": Kernel("triton", _triton_problem, _nothing, _triton_runner),
+    "ark": Kernel("ark", _ark_problem, _ark_prepare, _ark_runner),
+    "aten_int4": Kernel("aten_int4", _int4_problem, _int4_prepare, _int4_runner),
+}
+
+
+def _auto_order(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+    """Candidates of ``"auto"``, fastest first (measured: docs/BENCHMARKS.md, "CPU inference")."""
+    if device.type == "cuda":
+        return ("triton", "torch")
+    if device.type == "cpu":
+        # aten_int4 only for half activations: float32 ones ran 8x slower than a dense product; bfloat16
+        # decoding on SmolLM2 ran 1.8x the bfloat16 model's speed through it, 0.9x through ARK
+        return ("aten_int4", "ark", "torch") if dtype in (torch.float16, torch.bfloat16) else ("ark", "torch")
+    return ("torch",)
+
+
+_SLOW_WARNED: set[tuple[str, str]] = set()
+
+
+def choose(requested: str, layer, device: torch.device, dtype: torch.dtype) -> Kernel:
+    """The kernel that runs ``layer`` on ``device`` for ``dtype`` activations.
+
+    ``HF_SIGNROUND_BACKEND``, when set, overrides ``requested``. An explicit backend that
+    cannot run raises ``RuntimeError`` naming the problem and the fix.
     """
     env = os.environ.get(ENV_VAR)
     name = check_backend(env, ENV_VAR) if env else requested
-    if name == "torch":
-        return "torch"
-    problem = _triton_problem(x, bits, group_size)
-    if problem is None:
-        return "triton"
-    if name == "auto":
-        return "torch"
-    source = f"{ENV_VAR}=triton" if env else "backend='triton'"
-    raise RuntimeError(f"hf_signround: {source} was requested, but {problem}")
+    if name != "auto":
+        kernel = KERNELS[name]
+        problem = kernel.problem(layer, device, dtype)
+        if problem is not None:
+            source = f"{ENV_VAR}={name}" if env else f"backend={name!r}"
+            raise RuntimeError(f"hf_signround: {source} was requested, but {problem}")
+        return kernel
+    problems = {}
+    for candidate in _auto_order(device, dtype):
+        problems[candidate] = KERNELS[candidate].problem(layer, device, dtype)
+        if problems[candidate] is None:
+            if candidate == "torch" and len(problems) > 1:
+                _warn_slow(device, dtype, problems)
+            return KERNELS[candidate]
+    raise AssertionError("the torch reference runs anywhere")  # pragma: no cover
 
 
+def _warn_slow(device: torch.device, dtype: torch.dtype, problems: dict[str, str | None]) -> None:
+    key = (device.type, str(dtype))
+    if key in _SLOW_WARNED:
+        return
+    _SLOW_WARNED.add(key)
+    reasons = "; ".join(f"{name}: {why}" for name, why in problems.items() if why)
+    logger.warning("hf_signround: quantized layers run the slow reference path on %s for %s activations, which "
+                   "rebuilds every dense weight on each call (%s)", device.type, str(dtype).replace("torch.", ""),
+                   reasons)
+
+
+# ----------------------------------------------------------------------------- the Triton custom op
 @torch.library.custom_op("hf_signround::quant_linear", mutates_args=())
 def quant_linear_op(
     x: torch.Tensor,

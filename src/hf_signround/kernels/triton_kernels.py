@@ -17,6 +17,10 @@ Kernels (``M`` rows of activations, ``N`` outputs, ``K`` inputs):
   over k once at the end.
 * ``gemm_kernel`` -- tensor-core tiles ``BLOCK_M x BLOCK_N``: the ``decode`` configs
   (``BLOCK_M = 16``, split-K) serve 2..16 rows, the ``prefill`` configs large ``M``.
+* ``dequant_kernel`` -- writes the dense ``W.T`` ``(K, N)`` in the activation dtype, for a
+  cuBLAS product at large ``M`` (the one place a dense weight exists, for one call): the
+  fused prefill tiles measured 0.4-0.6x cuBLAS on an H200, and a dequantization costs one
+  read of the packed weight and one write of ``2·N·K`` bytes.
 
 Both dequantize with ``_dequant_tile``: each packed word is loaded once (cp.async-pipelined)
 and expanded to its 32/bits codes in registers. (Loading one word per k, GPTQ-Triton style,
@@ -33,7 +37,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["CONFIGS", "gemm_kernel", "gemv_kernel"]
+__all__ = ["CONFIGS", "dequant_kernel", "gemm_kernel", "gemv_kernel"]
 
 # A float32 with the exponent of 1.0 and an empty mantissa.
 _ONE_BITS = tl.constexpr(0x3F800000)
@@ -235,6 +239,24 @@ def gemm_kernel(
               HAS_BIAS, SPLIT_K)
 
 
+@triton.jit
+def dequant_kernel(
+    qw_ptr, s_ptr, qz_ptr, w_ptr,
+    N, K, ZW,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, SYM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``w[k, n] = W[n, k]`` in ``w_ptr``'s dtype, ``(K, N)`` row-major. Grid: (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N))."""
+    tile = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+    ONE_GROUP: tl.constexpr = (GROUP_SIZE == -1) | (GROUP_SIZE % BLOCK_K == 0)
+    w = _dequant_tile(qw_ptr, s_ptr, qz_ptr, tile, offs_n, K, N, ZW, BLOCK_K, BLOCK_N, BITS, GROUP_SIZE, SYM,
+                      ONE_GROUP)
+    mask = (offs_k < K)[:, None] & (offs_n < N)[None, :]
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+
 def _cfg(num_warps: int, num_stages: int, **meta: int) -> dict:
     return {**meta, "num_warps": num_warps, "num_stages": num_stages}
 
@@ -263,5 +285,12 @@ CONFIGS: dict[str, list[dict]] = {
         _cfg(8, 3, BLOCK_M=256, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
         _cfg(4, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1, GROUP_M=8),
         _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=1, GROUP_M=8),
+    ],
+    # Not swept on a GPU yet (no device was lent since it was written): benchmarks/gpu_check.py times them.
+    "dequant": [
+        _cfg(4, 1, BLOCK_N=128, BLOCK_K=64),
+        _cfg(4, 1, BLOCK_N=256, BLOCK_K=32),
+        _cfg(8, 1, BLOCK_N=128, BLOCK_K=128),
+        _cfg(2, 1, BLOCK_N=64, BLOCK_K=64),
     ],
 }

@@ -2,8 +2,9 @@
 
 ``quant_linear`` is what the ``hf_signround::quant_linear`` custom op runs. It validates
 shapes, dtypes and contiguity (errors name the problem and the fix), picks the kernel by
-the number of activation rows (``gemv`` for 1, ``decode`` for 2..16, ``prefill`` above)
-and a launch config from ``triton_kernels.CONFIGS``: on first use of a problem key each
+the number of activation rows (``gemv`` for 1, ``decode`` for 2..16, the fused ``prefill``
+up to ``DEQUANT_MIN_ROWS``, above that ``dequant``: the dense weight written by one kernel,
+then a cuBLAS product) and a launch config from ``triton_kernels.CONFIGS``: on first use of a problem key each
 candidate is timed once and the fastest is kept for the process. Under Triton's CPU
 interpreter, or while a CUDA graph is being captured (timing would synchronise), the first
 candidate that fits is used instead.
@@ -21,15 +22,19 @@ from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 from hf_signround.kernels.backend import triton_interpret
-from hf_signround.kernels.triton_kernels import CONFIGS, gemm_kernel, gemv_kernel
+from hf_signround.kernels.triton_kernels import CONFIGS, dequant_kernel, gemm_kernel, gemv_kernel
 from hf_signround.packing import SUPPORTED_BITS, num_groups, packed_rows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TUNED", "kernel_for_rows", "quant_linear", "unsupported_reason"]
+__all__ = ["TUNED", "dequantize", "kernel_for_rows", "quant_linear", "unsupported_reason"]
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 DECODE_MAX_ROWS = 16
+# Above this many rows a layer dequantizes to a dense weight and calls cuBLAS. A guess from the
+# fused prefill kernel's 0.4-0.6x of cuBLAS at 512-2048 rows on an H200; benchmarks/gpu_check.py
+# measures the crossover (not yet run on a GPU).
+DEQUANT_MIN_ROWS = 128
 
 # (kind, rows bucket, N, K, bits, group_size, sym, dtype, device) -> chosen config,
 # and the per-candidate timings (ms) that chose it, for benchmarks and notes.
@@ -56,7 +61,9 @@ def unsupported_reason(dtype: torch.dtype, bits: int, group_size: int) -> str | 
 
 
 def kernel_for_rows(rows: int) -> str:
-    return "gemv" if rows == 1 else "decode" if rows <= DECODE_MAX_ROWS else "prefill"
+    if rows == 1:
+        return "gemv"
+    return "decode" if rows <= DECODE_MAX_ROWS else "prefill" if rows <= DEQUANT_MIN_ROWS else "dequant"
 
 
 def _check(x, qweight, scales, qzeros, bias, bits, group_size, in_features) -> None:
@@ -143,12 +150,11 @@ def _rows_bucket(kind: str, m: int) -> int:
     return 1 if kind != "prefill" else min(triton.next_power_of_2(m), 4096)
 
 
-def _choose(kind, x2, qweight, scales, qzeros, bias, y, bits, group_size) -> dict:
-    candidates = [c for c in CONFIGS[kind] if _fits(kind, c, bits)]
-    if triton_interpret() or not x2.is_cuda:
+def _choose(kind: str, key: tuple, launch, device: torch.device) -> dict:
+    """The launch config for ``key``: timed once per process among ``CONFIGS[kind]`` (``launch(cfg)`` runs one)."""
+    candidates = [c for c in CONFIGS[kind] if _fits(kind, c, key[4])]
+    if triton_interpret() or device.type != "cuda":
         return candidates[0]
-    key = (kind, _rows_bucket(kind, x2.shape[0]), qweight.shape[1], x2.shape[1], bits, group_size,
-           qzeros is None, bias is not None, x2.dtype, x2.device)
     cfg = TUNED.get(key)
     if cfg is not None:
         return cfg
@@ -159,10 +165,7 @@ def _choose(kind, x2, qweight, scales, qzeros, bias, y, bits, group_size) -> dic
     timings = []
     for cand in candidates:
         try:
-            ms = triton.testing.do_bench(
-                lambda c=cand: _launch(kind, c, x2, qweight, scales, qzeros, bias, y, bits, group_size),
-                warmup=5, rep=20, return_mode="median",
-            )
+            ms = triton.testing.do_bench(lambda c=cand: launch(c), warmup=5, rep=20, return_mode="median")
         except (OutOfResources, CompilationError, RuntimeError) as err:  # e.g. too much shared memory
             logger.debug("hf_signround: config %s failed for %s: %s", cand, key[:6], err)
             continue
@@ -171,9 +174,37 @@ def _choose(kind, x2, qweight, scales, qzeros, bias, y, bits, group_size) -> dic
         raise RuntimeError(f"no Triton config could be launched for {key[:8]}; use backend='torch'")
     cfg = min(timings, key=lambda t: t[1])[0]
     TUNED[key], TIMINGS[key] = cfg, timings
-    logger.info("hf_signround: tuned %s kernel for N=%d K=%d bits=%d group=%d: %s", kind, key[2], key[3], bits,
-                group_size, cfg)
+    logger.info("hf_signround: tuned %s kernel for N=%d K=%d bits=%d group=%d: %s", kind, key[2], key[3], key[4],
+                key[5], cfg)
     return cfg
+
+
+def _launch_dequant(cfg: dict, qweight, scales, qzeros, w, bits: int, group_size: int) -> None:
+    k, n = w.shape
+    meta = dict(cfg)
+    grid = (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]))
+    zw = 0 if qzeros is None else qzeros.shape[1]
+    dequant_kernel[grid](qweight, scales, qweight if qzeros is None else qzeros, w, n, k, zw, BITS=bits,
+                         GROUP_SIZE=group_size, SYM=qzeros is None, **meta)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None, bits: int, group_size: int,
+               in_features: int, dtype: torch.dtype, *, config: dict | None = None) -> torch.Tensor:
+    """The dense ``W.T`` ``(K, N)`` in ``dtype``, by one Triton kernel: the reference's float32 weight rounded once."""
+    n = qweight.shape[1]
+    w = torch.empty((in_features, n), dtype=dtype, device=qweight.device)
+    key = ("dequant", 1, n, in_features, bits, group_size, qzeros is None, False, dtype, qweight.device)
+    with _on_device(qweight.device):
+        cfg = config or _choose("dequant", key, lambda c: _launch_dequant(c, qweight, scales, qzeros, w, bits,
+                                                                          group_size), qweight.device)
+        _launch_dequant(cfg, qweight, scales, qzeros, w, bits, group_size)
+    return w
+
+
+def _on_device(device: torch.device):
+    """Triton launches (and times candidates) on the current device."""
+    other_gpu = device.type == "cuda" and device.index != torch.cuda.current_device()
+    return torch.cuda.device(device) if other_gpu else contextlib.nullcontext()
 
 
 def quant_linear(
@@ -191,24 +222,29 @@ def quant_linear(
 ) -> torch.Tensor:
     """``F.linear(x, W, bias)`` with ``W`` dequantized inside the Triton kernels.
 
-    ``kernel`` (``"gemv"``, ``"decode"``, ``"prefill"``) and ``config`` (one of
+    ``kernel`` (``"gemv"``, ``"decode"``, ``"prefill"``, ``"dequant"``) and ``config`` (one of
     ``triton_kernels.CONFIGS``' entries) force a choice; tests and benchmarks use them.
     """
     _check(x, qweight, scales, qzeros, bias, bits, group_size, in_features)
     n = qweight.shape[1]
     x2 = x.reshape(-1, in_features).contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y.reshape(*x.shape[:-1], n)
     kind = kernel or kernel_for_rows(m)
-    if kind == "gemv" and m != 1:
+    if kind == "gemv" and m > 1:
         raise ValueError(f"the gemv kernel takes one row of activations, got {m}")
     if kind not in CONFIGS:
         raise ValueError(f"kernel={kind!r} is not one of {sorted(CONFIGS)}")
-    # Triton launches (and times candidates) on the current device.
-    other_gpu = x2.is_cuda and x2.device.index != torch.cuda.current_device()
-    with torch.cuda.device(x2.device) if other_gpu else contextlib.nullcontext():
-        cfg = config or _choose(kind, x2, qweight, scales, qzeros, bias, y, bits, group_size)
+    if kind == "dequant" and m:
+        w = dequantize(qweight, scales, qzeros, bits, group_size, in_features, x.dtype, config=config)
+        y = x2 @ w if bias is None else torch.addmm(bias.to(x.dtype), x2, w)
+        return y.reshape(*x.shape[:-1], n)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    key = (kind, _rows_bucket(kind, m), n, in_features, bits, group_size, qzeros is None, bias is not None,
+           x.dtype, x.device)
+    with _on_device(x2.device):
+        cfg = config or _choose(kind, key, lambda c: _launch(kind, c, x2, qweight, scales, qzeros, bias, y, bits,
+                                                             group_size), x2.device)
         _launch(kind, cfg, x2, qweight, scales, qzeros, bias, y, bits, group_size)
     return y.reshape(*x.shape[:-1], n)

@@ -1,0 +1,26 @@
+"""benchmarks/gpu_check.py, the one-call GPU check, run at toy sizes on CPU: every key it promises is written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="the smoke run takes Triton's kernels through its CPU interpreter")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_smoke_run_writes_every_key(tmp_path):
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--stages", "kernels",
+                           "e2e", "--out", str(out)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result) >= {"device", "m1_w4_speedup", "m16_w4_speedup", "prefill2048_w4_ratio", "e2e_decode_w4_speedup",
+                           "eager_decode_w4_speedup", "tune_speed_vs_autoround", "dequant_min_rows", "details"}
+    assert "error" not in result["details"]["kernels"] and "error" not in result["details"]["e2e"]
+    assert result["m1_w4_speedup"] > 0 and result["prefill2048_w4_ratio"] > 0 and result["eager_decode_w4_speedup"] > 0
+    assert result["e2e_decode_w4_speedup"] is None  # compiled decode needs CUDA graphs
