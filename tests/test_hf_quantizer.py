@@ -122,13 +122,27 @@ def _saved(llama_dir, tmp_path):
     return tmp_path
 
 
-def test_corrupt_checkpoint_missing_tensor(llama_dir, tmp_path):
+def _rewrite(path, change, metadata=None):
+    """Re-save ``path``'s tensors after ``change(tensors)``, with the file's metadata unless given."""
     from safetensors.torch import load_file, save_file
 
+    if metadata is None:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _edit_config(path, change):
+    cfg = json.loads((path / "config.json").read_text())
+    change(cfg["quantization_config"])
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_corrupt_checkpoint_missing_tensor(llama_dir, tmp_path):
     path = _saved(llama_dir, tmp_path)
-    state = load_file(str(path / "model.safetensors"))
-    del state["model.layers.1.mlp.up_proj.qweight"]
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    _rewrite(path / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.up_proj.qweight"))
     with pytest.raises(CheckpointError, match=re.escape(f"the checkpoint in {path} does not match the model its "
                                                         "config.json describes: model.layers.1.mlp.up_proj.qweight is "
                                                         "missing. ")):
@@ -137,9 +151,7 @@ def test_corrupt_checkpoint_missing_tensor(llama_dir, tmp_path):
 
 def test_corrupt_checkpoint_wrong_shape(llama_dir, tmp_path):
     path = _saved(llama_dir, tmp_path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"]["layer_config"]["model.layers.0.mlp.up_proj"]["bits"] = 2  # edited by hand
-    (path / "config.json").write_text(json.dumps(cfg))
+    _edit_config(path, lambda qc: qc["layer_config"]["model.layers.0.mlp.up_proj"].update(bits=2))  # by hand
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.up_proj\.qweight in model\.safetensors has shape "
                                               r"\[8, 128\], expected \[4, 128\]"):
         AutoModelForCausalLM.from_pretrained(path)
@@ -147,9 +159,7 @@ def test_corrupt_checkpoint_wrong_shape(llama_dir, tmp_path):
 
 def test_corrupt_config_without_layers(llama_dir, tmp_path):
     path = _saved(llama_dir, tmp_path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"]["layer_config"] = {}
-    (path / "config.json").write_text(json.dumps(cfg))
+    _edit_config(path, lambda qc: qc.update(layer_config={}))
     with pytest.raises(ValueError, match="lists no quantized layers"):
         AutoModelForCausalLM.from_pretrained(path)
 
@@ -172,24 +182,6 @@ def test_push_to_hub_uploads_a_reloadable_checkpoint(llama_dir, tmp_path, monkey
 
 
 # ----------------------------------------------------------------------------- load checks
-def _rewrite(path, change, metadata=None):
-    """Re-save ``path``'s tensors after ``change(tensors)``, with the file's metadata unless given."""
-    from safetensors.torch import load_file, save_file
-
-    if metadata is None:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata()
-    tensors = load_file(str(path))
-    change(tensors)
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def _edit_config(path, change):
-    cfg = json.loads((path / "config.json").read_text())
-    change(cfg["quantization_config"])
-    (path / "config.json").write_text(json.dumps(cfg))
-
-
 def test_a_missing_float_tensor_is_refused(llama_dir, tmp_path):
     # transformers would initialise the embedding afresh and only report it: logits off by ~0.8
     path = _saved(llama_dir, tmp_path)

@@ -550,29 +550,27 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as err:
         print(f"{where}: error: {err}", file=sys.stderr)
         return err.code
-    except CheckpointError as err:  # a damaged or mismatched input file: the message names it
-        if args.debug:
-            raise
-        print(f"{where}: error: {err}", file=sys.stderr)
-        return EXIT_INPUT
-    except (ValueError, TypeError) as err:  # config and plan validation: the message names the setting
-        if args.debug:
-            raise
-        print(f"{where}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as err:
-        if args.debug:
-            raise
-        print(f"{where}: error: {err}", file=sys.stderr)
-        return EXIT_INPUT
     except KeyboardInterrupt:
         print(f"{where}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
         if args.debug:
             raise
-        print(f"{where}: failed: {type(err).__name__}: {err} (run with --debug for the traceback)", file=sys.stderr)
-        return EXIT_FAILED
+        code = _exit_code(err)
+        if code == EXIT_FAILED:
+            print(f"{where}: failed: {type(err).__name__}: {err} (run with --debug for the traceback)", file=sys.stderr)
+        else:
+            print(f"{where}: error: {err}", file=sys.stderr)
+        return code
+
+
+def _exit_code(err: Exception) -> int:
+    """The exit code of an error the library raised; its message names what to fix."""
+    if isinstance(err, (CheckpointError, OSError)):  # a damaged or mismatched file; a file not found or unreadable
+        return EXIT_INPUT
+    if isinstance(err, (ValueError, TypeError)):  # config and plan validation: the message names the setting
+        return EXIT_USAGE
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":
