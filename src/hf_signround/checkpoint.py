@@ -6,10 +6,10 @@ For a damaged or hand-edited quantized checkpoint that means different values lo
 without an error. So before any weight loads, the adapter (``hf_quantizer.py``) checks:
 
 * every file's header (``shards.read_header``): a truncated or damaged file fails naming it;
-* every tensor the model skeleton expects, packed or not, is stored with its shape; packed
-  tensors (``qweight``, ``qzeros``, ``scales``) with their exact dtype, the others float
-  where the model's are float (a float stored as another float is cast exactly as
-  transformers always does);
+* every parameter the model skeleton expects, packed or not, is stored; every stored tensor
+  the model expects has its shape, packed ones (``qweight``, ``qzeros``, ``scales``) their
+  exact dtype, the others a float dtype where the model's is float (a float stored as
+  another float is cast, as transformers always does);
 * no packed tensor is stored that the config does not account for (``qzeros`` of a layer
   the config calls symmetric would be skipped: the values would differ);
 * the layout fingerprint that save wrote into every file's ``__metadata__`` matches
@@ -126,7 +126,10 @@ def _missing(model: nn.Module, stored: dict) -> list[str]:
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     partner = {**tied, **{source: target for target, source in tied.items()}}  # tied either way round
     ignored = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or ()]
-    return [f"{name} is missing" for name in model.state_dict()
+    # Parameters only: a persistent buffer left out of a checkpoint is recomputed when the model
+    # is built, while a missing parameter (packed tensors are parameters too) stays uninitialised.
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    return [f"{name} is missing" for name in names
             if name not in stored and partner.get(name) not in stored and not any(p.search(name) for p in ignored)]
 
 
