@@ -52,3 +52,26 @@ def test_failed_validation_leaves_the_model_untouched():
 def test_nothing_left_to_quantize():
     with pytest.raises(ValueError, match="no torch.nn.Linear layer is left to quantize"):
         quantize_model(tiny_llama(), SignRoundV2Config(iters=0, group_size=32), skip=["layers"])
+
+
+def test_encoder_decoder_models_are_refused():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+    with pytest.raises(ValueError, match=r"T5ForConditionalGeneration is an encoder-decoder model "
+                                         r"\(config.is_encoder_decoder=True\): hf_signround quantizes decoder-only"):
+        quantize_model(t5, SignRoundV2Config(iters=0, group_size=32))
+    assert not any(hasattr(m, "qweight") for m in t5.modules())
+
+
+def test_other_block_lists_are_named_as_left_in_full_precision(caplog):
+    model = tiny_llama()
+    # a smaller stack beside the language model's, as a vision tower would be (with a nested list of its own)
+    tower = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.ModuleList([nn.Linear(8, 8)])) for _ in range(2)])
+    model.vision_layers = tower
+    with caplog.at_level("WARNING", logger="hf_signround.blocks"):
+        quantize_model(model, SignRoundV2Config(iters=0, group_size=32))
+    assert ("vision_layers also holds repeated blocks; hf_signround quantizes model.layers only and leaves "
+            "vision_layers in full precision") in caplog.text
+    assert "vision_layers.0" not in caplog.text  # the nested list goes with its stack
+    assert all(type(m) is nn.Linear for m in tower.modules() if isinstance(m, nn.Linear))

@@ -164,6 +164,17 @@ def test_errors_exit_with_their_codes_through_the_process(tmp_path):
     (["inspect", "{tmp}/nowhere"], EXIT_INPUT, "{tmp}/nowhere holds no config.json"),
     (["inspect", "{llama}"], EXIT_USAGE, "holds an unquantized model (config.json has no quantization_config)"),
     (["export", "{llama}", "{tmp}/o"], EXIT_USAGE, "is not an hf_signround checkpoint"),
+    (["export", "{tmp}/nope", "{tmp}/o"], EXIT_INPUT,
+     "hf-signround export: error: {tmp}/nope not found: give the folder of a checkpoint saved by"),
+    (["export", "{tmp}/empty", "{tmp}/o"], EXIT_INPUT, "{tmp}/empty holds no config.json"),
+    (["quantize", "{llama}", "{tmp}/o", "--iters", "5", "--dataset", "{tmp}/nope.txt"], EXIT_INPUT,
+     "hf-signround quantize: error: dataset {tmp}/nope.txt not found: give a text file or folder, a hub dataset "
+     "name, or one of pydocs, pydocs-heldout"),
+    (["quantize", "{llama}", "{llama}", "--iters", "0"], EXIT_USAGE,
+     "hf-signround quantize: error: OUT {llama} is the input {llama}: writing there would destroy the input; "
+     "choose another folder for OUT"),
+    (["quantize", "{llama}", "{llama}/q", "--iters", "0", "--overwrite"], EXIT_USAGE,
+     "OUT {llama}/q lies inside the input {llama}: choose a folder outside it for OUT"),
     (["eval", "{tmp}/empty"], EXIT_INPUT, "has no config.json"),
     (["eval", "{tmp}/nowhere"], EXIT_INPUT, "{tmp}/nowhere not found: give a model folder"),
 ])
@@ -216,3 +227,114 @@ def test_eval_reads_a_gptq_export_through_auto_round(llama_dir, corpus_file, tmp
         assert main(["-q", "eval", str(tmp_path / folder), *args]) == 0
         ppl[folder] = json.loads(capsys.readouterr().out)["perplexity"]
     assert math.isclose(ppl["gptq"], ppl["ours"], rel_tol=1e-3), ppl  # auto-round computes in float16
+
+
+# ----------------------------------------------------------------------------- outputs
+def listing(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_quantize_into_its_own_folder_keeps_the_float_weights(llama_dir, tmp_path, capsys):
+    model = shutil.copytree(llama_dir, tmp_path / "model")
+    before = listing(model)
+    assert main(["-q", "quantize", str(model), str(model), "--iters", "0", "--overwrite"]) == EXIT_USAGE
+    assert f"OUT {model} is the input {model}" in capsys.readouterr().err
+    assert listing(model) == before  # byte for byte
+
+
+def test_an_out_that_is_a_file_is_refused_before_loading(llama_dir, tmp_path, capsys, monkeypatch):
+    import hf_signround.cli as cli
+
+    monkeypatch.setattr(cli, "_load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
+    (tmp_path / "out").write_text("mine")
+    assert main(["-q", "quantize", str(llama_dir), str(tmp_path / "out"), "--iters", "0"]) == EXIT_USAGE
+    assert (f"hf-signround quantize: error: OUT {tmp_path}/out is a file, not a folder: choose a folder path for OUT "
+            "(or remove the file)") in capsys.readouterr().err
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_a_full_out_needs_overwrite_and_is_then_replaced_whole(llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["-q", "quantize", str(llama_dir), str(out), "--iters", "0", "--group-size", "32"]
+    assert main([*args, "--max-shard-size", "30KB"]) == 0
+    sharded = listing(out)
+    assert "model.safetensors.index.json" in sharded and "model-00001-of-00004.safetensors" in sharded
+    assert main(args) == EXIT_USAGE
+    assert f"OUT {out} is not empty: pass --overwrite (overwrite=True) to replace its contents" in capsys.readouterr().err
+    assert listing(out) == sharded
+    assert main([*args, "--overwrite"]) == 0
+    assert sorted(listing(out)) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                                    "tokenizer_config.json"]  # no stale shard or index
+    assert AutoModelForCausalLM.from_pretrained(out)  # and it loads
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_an_interrupted_quantize_leaves_out_as_it_was(llama_dir, tmp_path, capsys, monkeypatch, low_memory):
+    import hf_signround.cli as cli
+    import hf_signround.streaming as streaming
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"an earlier checkpoint")
+    calls = []
+
+    def ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == (4 if low_memory else 1):
+            raise KeyboardInterrupt
+
+    if low_memory:  # Ctrl-C while blocks are being written: after 3 tensors outside the blocks and block 0
+        monkeypatch.setattr(streaming, "_return_freed_memory", ctrl_c)
+    else:  # Ctrl-C after the model is saved, while the tokenizer is
+        tokenizer = cli._load_tokenizer(str(llama_dir), required=False)
+        monkeypatch.setattr(tokenizer, "save_pretrained", ctrl_c)
+        monkeypatch.setattr(cli, "_load_tokenizer", lambda *a, **kw: tokenizer)
+    args = ["-q", "quantize", str(llama_dir), str(out), "--iters", "0", "--overwrite", "--max-shard-size", "20KB"]
+    assert main([*args, *(["--low-memory"] if low_memory else [])]) == 130
+    assert len(calls) == (4 if low_memory else 1)
+    assert capsys.readouterr().err.endswith("hf-signround quantize: interrupted\n")
+    assert listing(out) == {"model.safetensors": b"an earlier checkpoint"}  # no .shard-*.tmp either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder
+
+
+def test_export_into_its_checkpoint_is_refused(llama_dir, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["-q", "quantize", str(llama_dir), str(ckpt), "--iters", "0", "--group-size", "32"]) == 0
+    before = listing(ckpt)
+    assert main(["-q", "export", str(ckpt), str(ckpt), "--overwrite"]) == EXIT_USAGE
+    assert f"hf-signround export: error: OUT {ckpt} is the input {ckpt}: writing there" in capsys.readouterr().err
+    assert listing(ckpt) == before
+
+
+def test_a_truncated_checkpoint_is_an_unreadable_input(llama_dir, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(["-q", "quantize", str(llama_dir), str(ckpt), "--iters", "0", "--group-size", "32"]) == 0
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()
+    assert main(["-q", "export", str(ckpt), str(tmp_path / "gptq")]) == EXIT_INPUT
+    assert (f"hf-signround export: error: {weights} is not a valid safetensors file: the file has 1000 bytes, fewer "
+            "than its header length field says.") in capsys.readouterr().err
+    assert main(["-q", "inspect", str(ckpt)]) == EXIT_INPUT
+    assert f"{weights} is not a valid safetensors file" in capsys.readouterr().err
+    (ckpt / "config.json").write_text("{not json")
+    assert main(["-q", "inspect", str(ckpt)]) == EXIT_INPUT
+    assert (f"hf-signround inspect: error: {ckpt}/config.json is not valid JSON (Expecting property name enclosed in "
+            "double quotes: line 1 column 2 (char 1)): the file is damaged; re-download or re-save the checkpoint") \
+        in capsys.readouterr().err
+
+
+def test_nonfinite_weights_through_the_command_line(tmp_path, capsys):
+    from tests.test_quantize import BAD, message, with_nonfinite
+    from tests.tiny import tiny_llama
+
+    with_nonfinite(tiny_llama()).save_pretrained(tmp_path / "fp")
+    args = ["-q", "quantize", str(tmp_path / "fp"), str(tmp_path / "out"), "--iters", "0", "--group-size", "32"]
+    assert main(args) == EXIT_USAGE
+    assert f"hf-signround quantize: error: {message()}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main([*args, "--skip-nonfinite"]) == 0
+    assert "quantized 13 layers (13 W4G32 asym)" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert BAD not in saved["layer_config"] and saved["skip_nonfinite"] is True

@@ -46,6 +46,8 @@ def test_deepcopy_shares_runtime_objects(tokenizer):
         ({"topk_mode": "clip"}, r"topk_mode='clip' is not supported: choose one of drop, huber"),
         ({"layer_config": {"a.b": {"bits": 7}}}, r"layer_config\['a.b'\]\['bits'\]=7 is not supported"),
         ({"layer_config": {"a.b": {"bitz": 4}}}, r"layer_config\['a.b'\] has unknown keys \['bitz'\]"),
+        ({"layer_config": "all"}, r"layer_config must be a dict of module name -> \{'bits': ..., 'group_size'"),
+        ({"layer_config": {"a.b": 4}}, r"layer_config must be a dict of module name -> .* got \{'a.b': 4\}"),
         ({"format_version": 99}, r"format_version=99: this hf_signround reads format 1"),
         ({"dataset": []}, r"empty"),
         ({"quant_method": "gptq"}, r"quant_method='gptq' does not belong"),

@@ -227,3 +227,18 @@ def test_export_of_an_offloaded_model_matches_the_resident_one(llama_dir, tmp_pa
     assert read_all(tmp_path / "offloaded").keys() == read_all(tmp_path / "resident").keys()
     assert (tmp_path / "offloaded" / "model.safetensors").read_bytes() == \
         (tmp_path / "resident" / "model.safetensors").read_bytes()
+
+
+def test_export_refuses_to_write_over_the_checkpoint_it_was_loaded_from(llama_dir, tmp_path):
+    model = rtn(llama_dir)
+    model.save_pretrained(tmp_path / "ours")
+    before = (tmp_path / "ours" / "model.safetensors").read_bytes()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    with pytest.raises(ValueError, match=f"OUT {tmp_path}/ours is the input {tmp_path}/ours: writing there would"):
+        export_gptq(loaded, tmp_path / "ours")
+    with pytest.raises(ValueError, match=f"OUT {tmp_path}/ours/gptq lies inside the input {tmp_path}/ours"):
+        export_gptq(loaded, tmp_path / "ours" / "gptq")
+    assert (tmp_path / "ours" / "model.safetensors").read_bytes() == before
+    export_gptq(loaded, tmp_path / "gptq")
+    with pytest.raises(ValueError, match=f"OUT {tmp_path}/gptq is not empty: pass --overwrite"):
+        export_gptq(loaded, tmp_path / "gptq", overwrite=False)

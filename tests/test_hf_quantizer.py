@@ -1,6 +1,9 @@
 """End to end through transformers: quantize while loading, save, reload, generate."""
 
 import json
+import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, pipeline
 
 from hf_signround import QuantLinear, SignRoundV2Config
+from hf_signround.shards import CheckpointError
 
 
 def rtn_config(**kw):
@@ -118,32 +122,44 @@ def _saved(llama_dir, tmp_path):
     return tmp_path
 
 
-def test_corrupt_checkpoint_missing_tensor(llama_dir, tmp_path):
+def _rewrite(path, change, metadata=None):
+    """Re-save ``path``'s tensors after ``change(tensors)``, with the file's metadata unless given."""
     from safetensors.torch import load_file, save_file
 
+    if metadata is None:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata()
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _edit_config(path, change):
+    cfg = json.loads((path / "config.json").read_text())
+    change(cfg["quantization_config"])
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_corrupt_checkpoint_missing_tensor(llama_dir, tmp_path):
     path = _saved(llama_dir, tmp_path)
-    state = load_file(str(path / "model.safetensors"))
-    del state["model.layers.1.mlp.up_proj.qweight"]
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"corrupt hf_signround checkpoint: 1 packed tensors missing .*"
-                                         r"missing model\.layers\.1\.mlp\.up_proj\.qweight"):
+    _rewrite(path / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.up_proj.qweight"))
+    with pytest.raises(CheckpointError, match=re.escape(f"the checkpoint in {path} does not match the model its "
+                                                        "config.json describes: model.layers.1.mlp.up_proj.qweight is "
+                                                        "missing. ")):
         AutoModelForCausalLM.from_pretrained(path)
 
 
 def test_corrupt_checkpoint_wrong_shape(llama_dir, tmp_path):
     path = _saved(llama_dir, tmp_path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"]["layer_config"]["model.layers.0.mlp.up_proj"]["bits"] = 2  # edited by hand
-    (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.qweight has shape \(8, 128\), expected \(4, 128\)"):
+    _edit_config(path, lambda qc: qc["layer_config"]["model.layers.0.mlp.up_proj"].update(bits=2))  # by hand
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.up_proj\.qweight in model\.safetensors has shape "
+                                              r"\[8, 128\], expected \[4, 128\]"):
         AutoModelForCausalLM.from_pretrained(path)
 
 
 def test_corrupt_config_without_layers(llama_dir, tmp_path):
     path = _saved(llama_dir, tmp_path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"]["layer_config"] = {}
-    (path / "config.json").write_text(json.dumps(cfg))
+    _edit_config(path, lambda qc: qc.update(layer_config={}))
     with pytest.raises(ValueError, match="lists no quantized layers"):
         AutoModelForCausalLM.from_pretrained(path)
 
@@ -163,3 +179,93 @@ def test_push_to_hub_uploads_a_reloadable_checkpoint(llama_dir, tmp_path, monkey
     model.push_to_hub("someone/tiny-w4")
     again = AutoModelForCausalLM.from_pretrained(uploaded)
     assert torch.equal(logits(again, IDS), logits(model, IDS))
+
+
+# ----------------------------------------------------------------------------- load checks
+def test_a_missing_float_tensor_is_refused(llama_dir, tmp_path):
+    # transformers would initialise the embedding afresh and only report it: logits off by ~0.8
+    path = _saved(llama_dir, tmp_path)
+    _rewrite(path / "model.safetensors", lambda t: t.pop("model.embed_tokens.weight"))
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"the checkpoint in {path} does not match the model its config.json describes: "
+            "model.embed_tokens.weight is missing. Loading it would leave weights uninitialised or decode them "
+            "wrongly: re-download or re-save the checkpoint, or restore the config.json saved with it")):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_a_truncated_file_is_named(llama_dir, tmp_path, quantized):
+    path = _saved(llama_dir, tmp_path / "q") if quantized else Path(shutil.copytree(llama_dir, tmp_path / "fp"))
+    weights = path / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[: size // 2])
+    load = {} if quantized else {"quantization_config": rtn_config()}  # a float load fails before quantizing
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{weights} is not a valid safetensors file: its tensors end at byte {size} but the file has "
+            f"{size // 2} bytes (it was cut short). The file is damaged or incomplete (e.g. an interrupted download "
+            "or save): re-download or re-save the checkpoint")):
+        AutoModelForCausalLM.from_pretrained(path, **load)
+
+
+def test_a_float_checkpoint_missing_a_tensor_is_not_quantized(llama_dir, tmp_path):
+    path = Path(shutil.copytree(llama_dir, tmp_path / "fp"))
+    _rewrite(path / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is missing"):
+        AutoModelForCausalLM.from_pretrained(path, quantization_config=rtn_config())
+
+
+def test_an_edit_that_keeps_every_shape_is_caught_by_the_layout_fingerprint(llama_dir, tmp_path):
+    # q_proj is 64 wide: groups of 32 or of 48 both make two groups, so every tensor keeps its shape
+    path = _saved(llama_dir, tmp_path)
+    _edit_config(path, lambda qc: qc["layer_config"]["model.layers.0.self_attn.q_proj"].update(group_size=48))
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{path / 'model.safetensors'} was written for another quantization layout than config.json's "
+            "quantization_config describes (a layer's bits, group_size or sym, scale_dtype or format_version differ)")):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_a_zero_point_the_config_does_not_use_is_refused(llama_dir, tmp_path):
+    # the config says symmetric: transformers would skip qzeros and decode with 2**(bits-1)
+    path = _saved(llama_dir, tmp_path)
+    _edit_config(path, lambda qc: qc["layer_config"]["model.layers.1.mlp.up_proj"].update(sym=True))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.qzeros in model\.safetensors is not "
+                                              r"expected \(the config does not quantize it this way\)"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_packed_tensors_must_have_their_dtype(llama_dir, tmp_path):
+    path = _saved(llama_dir, tmp_path)
+    key = "model.layers.0.mlp.up_proj.scales"
+    _rewrite(path / "model.safetensors", lambda t: t.update({key: t[key].view(torch.bfloat16)}))  # same bytes
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)} in model\.safetensors is BF16, expected F16"):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_a_checkpoint_without_a_fingerprint_still_loads(llama_dir, tmp_path):
+    path = _saved(llama_dir, tmp_path)
+    expected = logits(AutoModelForCausalLM.from_pretrained(path), IDS)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert set(f.metadata()) == {"format", "hf_signround_layout"}
+    _rewrite(path / "model.safetensors", lambda t: None, metadata={"format": "pt"})  # as saved before fingerprints
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(path), IDS), expected)
+
+
+def test_an_invalid_config_field_says_it_is_the_checkpoints(llama_dir, tmp_path):
+    path = _saved(llama_dir, tmp_path)
+    _edit_config(path, lambda qc: qc.update(layer_config="all"))
+    with pytest.raises(TypeError, match=re.escape(
+            "invalid quantization_config in the checkpoint's config.json: layer_config must be a dict of module name "
+            "-> {'bits': ..., 'group_size': ..., 'sym': ...}, got 'all'. Restore the config.json saved with the "
+            "checkpoint, or re-download it")):
+        AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_encoder_decoder_models_are_refused_before_loading(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                        decoder_start_token_id=0)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(
+            "T5ForConditionalGeneration is an encoder-decoder model (config.is_encoder_decoder=True): hf_signround "
+            "quantizes decoder-only causal LMs (Llama, Qwen2, GPT-NeoX, ...); choose a decoder-only model")):
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path, quantization_config=rtn_config())

@@ -4,6 +4,7 @@ with memory that does not grow with the model."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hf_signround import SignRoundV2Config
+from hf_signround.shards import CheckpointError
 from hf_signround.streaming import quantize_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +97,82 @@ def test_peak_memory_does_not_grow_with_the_model():
     peak_growth = big["streaming_peak_mb"] - small["streaming_peak_mb"]  # measured: 8 MB
     assert model_growth > 120
     assert peak_growth < 0.25 * model_growth, (small, big)
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_streaming_refuses_to_write_over_its_input(llama_dir, tmp_path):
+    before = _listing(llama_dir)
+    rtn = SignRoundV2Config(bits=4, group_size=32, iters=0)
+    with pytest.raises(ValueError, match=f"OUT {llama_dir} is the input {llama_dir}: writing there would destroy"):
+        quantize_checkpoint(llama_dir, llama_dir, rtn)
+    with pytest.raises(ValueError, match=f"OUT {llama_dir}/q lies inside the input {llama_dir}"):
+        quantize_checkpoint(llama_dir, llama_dir / "q", rtn)
+    assert _listing(llama_dir) == before
+
+
+def test_streaming_replaces_an_earlier_save_whole(llama_dir, tmp_path):
+    out = tmp_path / "out"
+    rtn = SignRoundV2Config(bits=4, group_size=32, iters=0)
+    quantize_checkpoint(llama_dir, out, rtn, max_shard_size="30KB")
+    assert (out / "model.safetensors.index.json").is_file()
+    quantize_checkpoint(llama_dir, out, rtn)  # one file now: no shard or index of the first save is left
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    with pytest.raises(ValueError, match=f"OUT {out} is not empty: pass --overwrite"):
+        quantize_checkpoint(llama_dir, out, rtn, overwrite=False)
+
+
+def test_an_interrupted_run_leaves_out_as_it_was(llama_dir, tmp_path, monkeypatch):
+    import hf_signround.streaming as streaming
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"an earlier checkpoint")
+    calls = []
+
+    def interrupt():  # Ctrl-C after the first block is written
+        calls.append(1)
+        if len(calls) == 4:  # 3 tensors outside the blocks, then block 0
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(streaming, "_return_freed_memory", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(llama_dir, out, SignRoundV2Config(bits=4, group_size=32, iters=0), max_shard_size="20KB")
+    assert len(calls) == 4
+    assert _listing(out) == {"model.safetensors": b"an earlier checkpoint"}  # no .shard-*.tmp either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder
+
+
+def test_a_damaged_source_fails_before_any_work(llama_dir, tmp_path):
+    import shutil
+
+    source = Path(shutil.copytree(llama_dir, tmp_path / "fp"))
+    weights = source / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=f"{weights} is not a valid safetensors file: its tensors end at byte"):
+        quantize_checkpoint(source, tmp_path / "out", SignRoundV2Config(iters=0))
+    assert not (tmp_path / "out").exists()
+
+
+def test_nonfinite_weights_in_a_streamed_block(tmp_path):
+    from tests.test_quantize import BAD, message, with_nonfinite
+    from tests.tiny import tiny_llama
+
+    with_nonfinite(tiny_llama()).save_pretrained(tmp_path / "fp")
+    with pytest.raises(ValueError, match=re.escape(message())):
+        quantize_checkpoint(tmp_path / "fp", tmp_path / "out", SignRoundV2Config(bits=4, group_size=32, iters=0))
+    assert not (tmp_path / "out").exists()
+
+    skip = SignRoundV2Config(bits=4, group_size=32, iters=0, skip_nonfinite=True)
+    quantize_checkpoint(tmp_path / "fp", tmp_path / "streamed", skip)
+    resident = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=skip)
+    resident.save_pretrained(tmp_path / "resident")
+    streamed, expected = tensors(tmp_path / "streamed"), tensors(tmp_path / "resident")
+    assert streamed.keys() == expected.keys() and f"{BAD}.weight" in streamed
+    for key, value in expected.items():
+        torch.testing.assert_close(streamed[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
+    saved = json.loads((tmp_path / "streamed" / "config.json").read_text())["quantization_config"]
+    assert BAD not in saved["layer_config"] and len(saved["layer_config"]) == 13
+    AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")  # passes the load checks

@@ -9,6 +9,7 @@ without naming its classes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -21,26 +22,49 @@ logger = logging.getLogger(__name__)
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ``nn.ModuleList`` of decoder blocks: identical modules holding projection layers.
 
-    When several lists qualify (an encoder and a decoder, a vision tower), the one with the
-    most parameters is taken: the language model's stack.
+    When several lists qualify (a vision tower beside the language model), the one with the
+    most parameters is taken: the language model's stack (``warn_other_block_lists`` names
+    the rest, which stay in full precision). Encoder-decoder models are refused: quantizing one
+    of their stacks would leave the other silently in full precision.
     """
-    best: tuple[int, str, nn.ModuleList] | None = None
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{type(model).__name__} is an encoder-decoder model (config.is_encoder_decoder=True): hf_signround "
+            "quantizes decoder-only causal LMs (Llama, Qwen2, GPT-NeoX, ...); choose a decoder-only model"
+        )
+    lists = _block_lists(model)
+    if not lists:
+        raise ValueError(
+            f"{type(model).__name__} has no list of repeated blocks containing projection layers; "
+            "hf_signround quantizes causal LMs made of repeated decoder blocks"
+        )
+    name = max(lists, key=lists.get)
+    return name, model.get_submodule(name)
+
+
+def warn_other_block_lists(model: nn.Module, chosen: str) -> None:
+    """Log a warning naming each qualifying block list besides ``chosen`` (``find_blocks``'s):
+    they stay in full precision, which must not pass silently."""
+    lists = _block_lists(model)
+    # Lists nested inside another (experts inside a block) go with it.
+    others = [name for name in lists if name != chosen and not any(name.startswith(outer + ".") for outer in lists)]
+    if others:
+        logger.warning("%s also %s repeated blocks; hf_signround quantizes %s only and leaves %s in full precision",
+                       ", ".join(others), "holds" if len(others) == 1 else "hold", chosen, ", ".join(others))
+
+
+def _block_lists(model: nn.Module) -> dict[str, int]:
+    """Name -> parameter count of every non-empty ``nn.ModuleList`` of one block type holding projections."""
+    lists = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if len({type(block) for block in module}) != 1:
             continue
-        if not any(_is_projection(m) for m in module[0].modules()):
-            continue
-        size = sum(p.numel() for p in module.parameters())
-        if best is None or size > best[0]:
-            best = (size, name, module)
-    if best is None:
-        raise ValueError(
-            f"{type(model).__name__} has no list of repeated blocks containing projection layers; "
-            "hf_signround quantizes causal LMs made of repeated decoder blocks"
-        )
-    return best[1], best[2]
+        if any(_is_projection(m) for m in module[0].modules()):
+            lists[name] = sum(p.numel() for p in module.parameters())
+    return lists
 
 
 def _is_packed(module: nn.Module) -> bool:
@@ -171,6 +195,18 @@ def block_on(block: nn.Module, device: torch.device):
             yield block
         finally:
             _move_resident(block, home)
+
+
+def nonfinite_counts(block: nn.Module, rels: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """``{rel: (NaN count, inf count)}`` of the listed Linears of ``block`` whose weight is not all
+    finite; offloaded weights are brought in, where the block computes, to be counted."""
+    found = {}
+    with block_on(block, _home_device(block)):
+        for rel in rels:
+            weight = block.get_submodule(rel).weight
+            if not torch.isfinite(weight).all():
+                found[rel] = (int(torch.isnan(weight).sum()), int(torch.isinf(weight).sum()))
+    return found
 
 
 def _move_resident(block: nn.Module, device: torch.device) -> None:

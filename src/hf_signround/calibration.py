@@ -37,7 +37,7 @@ _ACCEPTED = (
 _TOKENIZE_BATCH = 64
 
 
-def _looks_like_path(s: str) -> bool:
+def looks_like_path(s: str) -> bool:
     return s.startswith(_PATH_PREFIXES) or s.lower().endswith(_PATH_SUFFIXES)
 
 
@@ -136,7 +136,7 @@ def check_dataset_spec(dataset: Any) -> None:
         if path.exists():
             _check_file_or_dir(path, dataset)
             return
-        if _looks_like_path(dataset):
+        if looks_like_path(dataset):
             raise ValueError(
                 f"dataset path {dataset!r} does not exist: fix the path, or pass a list of "
                 "strings or a hub dataset name"

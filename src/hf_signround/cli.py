@@ -8,8 +8,13 @@ Commands (``hf-signround COMMAND --help`` lists every option with its default)::
     hf-signround export CKPT OUT      rewrite a saved hf_signround checkpoint as GPTQ
 
 Exit codes: 0 done; 1 unexpected failure (``--debug`` shows the traceback); 2 an invalid
-option or setting (the message names it and what is allowed); 3 an input that cannot be
-found or read (a model, a dataset, a checkpoint folder).
+option or setting (the message names it and what is allowed), including an OUT that is the
+input, lies inside it, is a file, or is not empty without ``--overwrite``; 3 an input that
+cannot be found or read (a model, a dataset, a checkpoint folder, a damaged file); 130
+interrupted.
+
+OUT is written into a temporary folder beside it and moved into place only when complete:
+a failed or interrupted run leaves OUT as it was, and ``--overwrite`` replaces it whole.
 
 The quantization defaults are ``SignRoundV2Config``'s; the CLI adds none of its own.
 """
@@ -27,9 +32,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .outputs import check_output, staged_output
+from .shards import CheckpointError, read_header
+
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INPUT = 0, 1, 2, 3
+OVERWRITE_HELP = ("replace OUT when it is not empty (its whole contents, once the new checkpoint is complete); "
+                  "without it a non-empty OUT is refused")
 BUILTIN_TEXTS = {
     "pydocs": "Python's library reference (Debian python3.11-doc); the default calibration text",
     "pydocs-heldout": "Python's tutorial, HOWTOs and FAQ, disjoint from 'pydocs'; the default evaluation text",
@@ -72,6 +82,8 @@ def _texts(name: str) -> list[str] | str:
     """A built-in corpus by name, else the string as a dataset spec (path or hub name)."""
     from .assets import calibration_texts, heldout_texts
 
+    from .calibration import looks_like_path
+
     loaders = {"pydocs": calibration_texts, "pydocs-heldout": heldout_texts}
     if name in loaders:
         try:
@@ -79,6 +91,9 @@ def _texts(name: str) -> list[str] | str:
         except FileNotFoundError as err:
             raise CLIError(f"{err}; or pass --dataset with a text file, a folder or a hub dataset name",
                            EXIT_INPUT) from err
+    if looks_like_path(name) and not Path(name).expanduser().exists():
+        raise CLIError(f"dataset {name} not found: give a text file or folder, a hub dataset name, or one of "
+                       f"{', '.join(loaders)}", EXIT_INPUT)
     return name
 
 
@@ -155,13 +170,13 @@ def _folder_size(path: Path) -> str:
 # ----------------------------------------------------------------------------- commands
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .config import SignRoundV2Config
-    from .export import export_gptq
 
     out = Path(args.out)
     knobs = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "iters": args.iters,
              "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "device": args.device,
              "avg_bits": args.avg_bits, "bit_options": args.bit_options,
-             "sensitivity_method": args.sensitivity_method, "modules_to_not_convert": args.keep or None}
+             "sensitivity_method": args.sensitivity_method, "modules_to_not_convert": args.keep or None,
+             "skip_nonfinite": args.skip_nonfinite}
     config = SignRoundV2Config(**knobs)  # bad options fail here, before anything loads
     if config.needs_calibration and args.dataset is None:
         raise CLIError(f"--iters {args.iters} tunes on calibration text (and --avg-bits scores on it): pass "
@@ -169,35 +184,50 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                        "for round-to-nearest")
     if args.low_memory and (args.device_map or args.offload_folder):
         raise CLIError("--low-memory reads the checkpoint block by block itself: drop --device-map/--offload-folder")
+    texts = _texts(args.dataset) if config.needs_calibration else None
+    check_output(out, sources=_local(args.model), overwrite=args.overwrite)
     with model_source(args.model, local=args.low_memory) as source:
         tokenizer = _load_tokenizer(source, required=config.needs_calibration)
         if config.needs_calibration:
-            config = SignRoundV2Config(**knobs, dataset=_texts(args.dataset), tokenizer=tokenizer)
-        shards = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
-        if args.low_memory:
-            saved = _quantize_streaming(source, out, config, args, shards)
-        else:
-            load = {"quantization_config": config, "dtype": args.dtype}
-            if args.device_map:
-                load["device_map"] = args.device_map
-            if args.offload_folder:
-                load["offload_folder"] = args.offload_folder
-            model = _load_model(source, **load)
-            if args.format == "gptq":
-                export_gptq(model, out, **shards)
-            else:
-                model.save_pretrained(out, **shards)
-            saved = model.config.quantization_config
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
-    allocation = getattr(saved, "allocation", None)
-    if allocation is not None:
-        allocation.to_json(out / "allocation.json")
+            config = SignRoundV2Config(**knobs, dataset=texts, tokenizer=tokenizer)
+        with staged_output(out) as stage:  # everything lands in OUT at once, or not at all
+            saved = _quantize_into(stage, source, config, args)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(stage)
+            allocation = getattr(saved, "allocation", None)
+            if allocation is not None:
+                allocation.to_json(stage / "allocation.json")
     summary = inspect_checkpoint(out)
     print(f"quantized {summary['layers']} layers ({_schemes_line(summary)}), realised "
           f"{summary['avg_bits']:.3f} bits/weight; wrote {args.format} checkpoint {out} "
           f"({_folder_size(out)})")
     return EXIT_OK
+
+
+def _local(model: str) -> tuple[Path, ...]:
+    """MODEL as a local input OUT must keep clear of (none for a hub id)."""
+    path = Path(model).expanduser()
+    return (path,) if path.exists() else ()
+
+
+def _quantize_into(folder: Path, source: str, config, args: argparse.Namespace):
+    """Quantize ``source`` into the (empty) ``folder``; returns the config quantization filled in."""
+    from .export import export_gptq
+
+    shards = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
+    if args.low_memory:
+        return _quantize_streaming(source, folder, config, args, shards)
+    load = {"quantization_config": config, "dtype": args.dtype}
+    if args.device_map:
+        load["device_map"] = args.device_map
+    if args.offload_folder:
+        load["offload_folder"] = args.offload_folder
+    model = _load_model(source, **load)
+    if args.format == "gptq":
+        export_gptq(model, folder, **shards)
+    else:
+        model.save_pretrained(folder, **shards)
+    return model.config.quantization_config
 
 
 def _quantize_streaming(source: str, out: Path, config, args: argparse.Namespace, shards: dict):
@@ -271,16 +301,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_gptq
 
-    source = Path(args.checkpoint)
-    if _quant_method(str(source)) != "signround_v2":
+    source, out = Path(args.checkpoint), Path(args.out)
+    if not source.exists():
+        raise CLIError(f"{source} not found: give the folder of a checkpoint saved by `hf-signround quantize` or "
+                       "save_pretrained", EXIT_INPUT)
+    if (_read_config(source).get("quantization_config") or {}).get("quant_method") != "signround_v2":
         raise CLIError(f"{source} is not an hf_signround checkpoint (quantization_config.quant_method is not "
                        "signround_v2): quantize it first with `hf-signround quantize`")
+    check_output(out, sources=(source,), overwrite=args.overwrite)
     model = _load_model(str(source))
-    result = export_gptq(model, args.out, max_shard_size=args.max_shard_size)
     tokenizer = _load_tokenizer(str(source), required=False)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.out)
-    print(f"wrote GPTQ checkpoint {result.path} ({_folder_size(result.path)}); "
+    with staged_output(out) as stage:
+        result = export_gptq(model, stage, max_shard_size=args.max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+    print(f"wrote GPTQ checkpoint {out} ({_folder_size(out)}); "
           f"{len(result.regrouped)} layers regrouped, {result.mirrored_groups} zero-point-0 groups mirrored")
     return EXIT_OK
 
@@ -291,7 +326,15 @@ def _read_config(folder: Path) -> dict:
     if not path.is_file():
         raise CLIError(f"{folder} holds no config.json: give the folder a quantized checkpoint was saved to",
                        EXIT_INPUT)
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_bytes())
+    except ValueError as err:  # JSON or UTF-8
+        raise CLIError(f"{path} is not valid JSON ({err}): the file is damaged; re-download or re-save the "
+                       "checkpoint", EXIT_INPUT) from err
+    if not isinstance(config, dict):
+        raise CLIError(f"{path} is not a JSON object: the file is damaged; re-download or re-save the checkpoint",
+                       EXIT_INPUT)
+    return config
 
 
 def _quant_method(source: str) -> str | None:
@@ -319,20 +362,8 @@ def _gptq_loader(folder: Path):
 
 def _tensor_headers(folder: Path) -> dict[str, tuple[tuple[int, ...], int]]:
     """name -> (shape, bytes) of every tensor in the folder's safetensors, read from the headers only."""
-    from safetensors import safe_open
-
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), "pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - a safe_open handle is not iterable
-                piece = handle.get_slice(key)
-                shape = tuple(piece.get_shape())
-                size = {"I32": 4, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "U8": 1, "I8": 1}.get(piece.get_dtype(), 4)
-                count = 1
-                for dim in shape:
-                    count *= dim
-                out[key] = (shape, count * size)
-    return out
+    return {name: (info.shape, info.end - info.start)
+            for path in sorted(folder.glob("*.safetensors")) for name, info in read_header(path).tensors.items()}
 
 
 def inspect_checkpoint(folder: Path) -> dict[str, Any]:
@@ -469,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=d["seed"], help="seeds window choice and tuning")
     q.add_argument("--format", choices=("signround", "gptq"), default="signround",
                    help="signround: reloads with from_pretrained; gptq: GPTQ v1 for vLLM and other GPTQ loaders")
+    q.add_argument("--skip-nonfinite", action="store_true", default=d["skip_nonfinite"],
+                   help="keep layers whose weights hold NaN or inf in full precision (logged) instead of stopping")
+    q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", formatter_class=fmt, help="perplexity and generation speed",
@@ -500,6 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out", metavar="OUT", help="folder to write the GPTQ checkpoint to")
     x.add_argument("--format", choices=("gptq",), default="gptq", help="target layout")
     x.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 500MB or 5GB")
+    x.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     x.set_defaults(func=cmd_export)
     return parser
 
@@ -515,24 +550,27 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as err:
         print(f"{where}: error: {err}", file=sys.stderr)
         return err.code
-    except (ValueError, TypeError) as err:  # config and plan validation: the message names the setting
-        if args.debug:
-            raise
-        print(f"{where}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as err:
-        if args.debug:
-            raise
-        print(f"{where}: error: {err}", file=sys.stderr)
-        return EXIT_INPUT
     except KeyboardInterrupt:
         print(f"{where}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
         if args.debug:
             raise
-        print(f"{where}: failed: {type(err).__name__}: {err} (run with --debug for the traceback)", file=sys.stderr)
-        return EXIT_FAILED
+        code = _exit_code(err)
+        if code == EXIT_FAILED:
+            print(f"{where}: failed: {type(err).__name__}: {err} (run with --debug for the traceback)", file=sys.stderr)
+        else:
+            print(f"{where}: error: {err}", file=sys.stderr)
+        return code
+
+
+def _exit_code(err: Exception) -> int:
+    """The exit code of an error the library raised; its message names what to fix."""
+    if isinstance(err, (CheckpointError, OSError)):  # a damaged or mismatched file; a file not found or unreadable
+        return EXIT_INPUT
+    if isinstance(err, (ValueError, TypeError)):  # config and plan validation: the message names the setting
+        return EXIT_USAGE
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -63,6 +63,16 @@ def _as_pairs(options: Any) -> list[tuple[int, int]] | None:
     return pairs
 
 
+def _as_layer_config(layer_config: Any) -> dict[str, dict[str, Any]]:
+    """``layer_config`` as a fresh dict of dicts (config.json may hold anything)."""
+    if layer_config is None:
+        return {}
+    if not isinstance(layer_config, dict) or not all(isinstance(v, dict) for v in layer_config.values()):
+        raise TypeError(f"layer_config must be a dict of module name -> {{'bits': ..., 'group_size': ..., 'sym': ...}}, "
+                        f"got {repr(layer_config)[:100]}")
+    return {k: dict(v) for k, v in layer_config.items()}
+
+
 class SignRoundV2Config(QuantizationConfigMixin):
     """Configuration of SignRoundV2 weight-only quantization (spec: ``shared/SIGNROUNDV2.md``).
 
@@ -135,6 +145,10 @@ class SignRoundV2Config(QuantizationConfigMixin):
             MLP, which serving engines fuse into one matrix) one option, priced and scored together.
         realized_avg_bits: written by quantization when ``avg_bits`` is set: the average the
             checkpoint really has.
+        skip_nonfinite: a layer whose weight holds NaN or inf cannot be quantized, so by default
+            quantization stops before anything changes, naming those layers and their counts;
+            True keeps such layers in full precision instead (logged as a warning) and quantizes
+            the rest.
 
     After a quantization with ``avg_bits``, ``config.allocation`` holds the report
     (:class:`hf_signround.allocation.Allocation`: per-layer scores and chosen bits, with
@@ -172,6 +186,7 @@ class SignRoundV2Config(QuantizationConfigMixin):
         sensitivity_seqlen: int = 256,
         tie_fused: bool = True,
         realized_avg_bits: float | None = None,
+        skip_nonfinite: bool = False,
         **kwargs: Any,
     ) -> None:
         quant_method = kwargs.pop("quant_method", QUANT_METHOD)
@@ -190,7 +205,7 @@ class SignRoundV2Config(QuantizationConfigMixin):
         self.tokenizer = tokenizer
         self.seed = seed
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
-        self.layer_config = {k: dict(v) for k, v in (layer_config or {}).items()}
+        self.layer_config = _as_layer_config(layer_config)
         self.device = device
         self.amp = amp
         self.scale_search = scale_search
@@ -207,6 +222,7 @@ class SignRoundV2Config(QuantizationConfigMixin):
         self.sensitivity_seqlen = sensitivity_seqlen
         self.tie_fused = tie_fused
         self.realized_avg_bits = realized_avg_bits
+        self.skip_nonfinite = skip_nonfinite
         self.allocation = None  # the per-layer report of the bit allocation (runtime only, never saved)
         if kwargs:
             logger.warning("SignRoundV2Config ignores unknown keys: %s", ", ".join(sorted(kwargs)))
@@ -234,6 +250,8 @@ class SignRoundV2Config(QuantizationConfigMixin):
                 raise ValueError(f"device={self.device!r} is not a torch device (e.g. 'cuda', 'cuda:0', 'cpu')") from err
         if not isinstance(self.amp, bool):
             raise TypeError(f"amp must be True or False, got {self.amp!r}")
+        if not isinstance(self.skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be True or False, got {self.skip_nonfinite!r}")
         if not isinstance(self.scale_search, bool):
             raise TypeError(f"scale_search must be True or False, got {self.scale_search!r}")
         if self.topk_exclusion is not None and not isinstance(self.topk_exclusion, bool):
@@ -291,6 +309,15 @@ class SignRoundV2Config(QuantizationConfigMixin):
         _check_int("sensitivity_seqlen", self.sensitivity_seqlen, minimum=2)
         if not isinstance(self.tie_fused, bool):
             raise TypeError(f"tie_fused must be True or False, got {self.tie_fused!r}")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """The config saved in a checkpoint's config.json (transformers calls this when loading one)."""
+        try:
+            return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"invalid quantization_config in the checkpoint's config.json: {err}. Restore the "
+                            "config.json saved with the checkpoint, or re-download it") from err
 
     @property
     def tunes(self) -> bool:

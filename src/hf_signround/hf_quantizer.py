@@ -5,6 +5,10 @@ Two ways through ``from_pretrained``:
   usual, then ``_process_model_after_weight_loading`` calibrates and quantizes;
 - a saved hf_signround checkpoint (``quant_method: signround_v2`` in config.json): the Linears
   it lists become empty ``QuantLinear`` skeletons before the packed tensors load.
+
+Either way the checkpoint's safetensors headers are checked against the skeleton before any
+weight loads (``checkpoint.check_checkpoint``), and saving writes the layout fingerprint
+those checks compare into every file.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from typing import Any
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
 
+from .blocks import find_blocks
 from .calibration import build_calibration, is_token_ids
+from .checkpoint import LAYOUT_KEY, check_checkpoint, config_fingerprint
 from .config import QUANT_METHOD, SignRoundV2Config
 from .qlinear import prepare_model
 from .quantize import quantize_model, replace_with_empty_quant_linears
@@ -60,8 +66,10 @@ class SignRoundV2HfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs: Any):
         if self.pre_quantized:
             replace_with_empty_quant_linears(model, self.quantization_config)
-            if checkpoint_files:
-                check_checkpoint_tensors(model, checkpoint_files)
+        else:
+            find_blocks(model)  # an architecture we cannot quantize fails before the weights load
+        if checkpoint_files:
+            check_checkpoint(model, checkpoint_files, self.quantization_config if self.pre_quantized else None)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
@@ -81,6 +89,10 @@ class SignRoundV2HfQuantizer(HfQuantizer):
         quantize_model(model, config, calibration, skip=skip, scoring=scoring)
         return model
 
+    def get_state_dict_and_metadata(self, model) -> tuple[None, dict[str, str]]:
+        # Every safetensors file carries the layout its packed tensors were written with.
+        return None, {LAYOUT_KEY: config_fingerprint(self.quantization_config)}
+
     def is_serializable(self, safe_serialization: Any = None) -> bool:
         return True
 
@@ -93,43 +105,6 @@ class SignRoundV2HfQuantizer(HfQuantizer):
         # QuantLinear compiles without graph breaks (the Triton path is a torch custom op), so
         # generate() may auto-compile decoding with a static cache.
         return True
-
-
-def check_checkpoint_tensors(model, checkpoint_files: list[str]) -> None:
-    """Every packed tensor the skeleton expects is in the checkpoint with the right shape.
-
-    transformers would otherwise fill a missing tensor with uninitialised memory and
-    only warn: a corrupt checkpoint must fail loudly instead.
-    """
-    from safetensors import safe_open
-
-    from .qlinear import QuantLinear
-
-    expected = {
-        f"{name}.{pname}": tuple(p.shape)
-        for name, module in model.named_modules()
-        if isinstance(module, QuantLinear)
-        for pname, p in module.named_parameters(recurse=False)
-    }
-    found: dict[str, tuple[int, ...]] = {}
-    for path in checkpoint_files:
-        if not str(path).endswith(".safetensors"):
-            continue
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                if key in expected:
-                    found[key] = tuple(handle.get_slice(key).get_shape())
-    if not found and not any(str(p).endswith(".safetensors") for p in checkpoint_files):
-        return  # not safetensors (e.g. a pickle checkpoint): leave it to transformers
-    missing = sorted(set(expected) - set(found))
-    wrong = sorted(k for k in found if found[k] != expected[k])
-    if missing or wrong:
-        details = [f"missing {k}" for k in missing[:3]] + [f"{k} has shape {found[k]}, expected {expected[k]}" for k in wrong[:3]]
-        raise ValueError(
-            f"corrupt hf_signround checkpoint: {len(missing)} packed tensors missing and {len(wrong)} with wrong shapes "
-            f"({'; '.join(details)}); the weights do not match config.json's quantization_config — re-save or "
-            "re-download the checkpoint"
-        )
 
 
 def register() -> None:

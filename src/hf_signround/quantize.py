@@ -14,7 +14,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import block_on, capture_block_inputs, find_blocks, quantizable_layers, set_module, to_device
+from .blocks import (
+    block_on,
+    capture_block_inputs,
+    find_blocks,
+    nonfinite_counts,
+    quantizable_layers,
+    set_module,
+    to_device,
+    warn_other_block_lists,
+)
 from .config import SignRoundV2Config
 from .qfunc import QuantSpec, quantize_rtn
 from .qlinear import QuantLinear, set_backend
@@ -44,6 +53,39 @@ def plan_layers(model: nn.Module, config: SignRoundV2Config, skip: list[str] | t
         )
     # Any group size works: when it does not divide in_features the last group is shorter.
     return {name: QuantSpec(**config.layer_spec(name)) for name in layers}
+
+
+def group_by_block(plan: dict[str, QuantSpec], prefix: str) -> dict[int, dict[str, QuantSpec]]:
+    """``{block index: {name inside the block: spec}}`` of a plan over the blocks under ``prefix``."""
+    per_block: dict[int, dict[str, QuantSpec]] = defaultdict(dict)
+    for name, spec in plan.items():
+        index, _, rel = name[len(prefix) + 1 :].partition(".")
+        per_block[int(index)][rel] = spec
+    return per_block
+
+
+def keep_finite(plan: dict[str, QuantSpec], found: dict[str, tuple[int, int]],
+                config: SignRoundV2Config) -> dict[str, QuantSpec]:
+    """``plan`` less the layers ``found`` with NaN or inf weights (name -> counts) when
+    ``config.skip_nonfinite``, which then stay in full precision; otherwise raise naming them.
+
+    Rounding cannot represent NaN or inf: symmetric scales would come out NaN and
+    asymmetric zero points out of range, so such a layer must not be quantized silently.
+    """
+    if not found:
+        return plan
+    shown = ", ".join(f"{name} ({nan} NaN, {inf} inf)" for name, (nan, inf) in list(found.items())[:5])
+    more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+    layers = f"{len(found)} layers" if len(found) > 1 else "1 layer"
+    if not config.skip_nonfinite:
+        raise ValueError(
+            f"{layers} {'have' if len(found) > 1 else 'has'} NaN or inf weights, which cannot be quantized: "
+            f"{shown}{more}. Repair the checkpoint, or pass skip_nonfinite=True (hf-signround --skip-nonfinite) to "
+            "keep such layers in full precision"
+        )
+    logger.warning("keeping %s with NaN or inf weights in full precision (skip_nonfinite=True): %s%s",
+                   layers, shown, more)
+    return {name: spec for name, spec in plan.items() if name not in found}
 
 
 def to_quant_linear(layer: nn.Linear, spec: QuantSpec, scale_dtype: torch.dtype, **tuned: torch.Tensor) -> QuantLinear:
@@ -79,6 +121,9 @@ def quantize_model(
             None takes the first ``sensitivity_nsamples`` calibration windows, cut to
             ``sensitivity_seqlen`` tokens.
 
+    A layer whose weight holds NaN or inf raises before anything changes, naming it, unless
+    ``config.skip_nonfinite`` keeps it in full precision (``keep_finite``).
+
     With ``config.avg_bits`` the layers not pinned by ``layer_config`` get their bits from
     the allocation first (spec §1-2); ``config.realized_avg_bits`` and ``config.allocation``
     (the per-layer report) are set.
@@ -87,15 +132,18 @@ def quantize_model(
     loss before and after tuning).
     """
     plan = plan_layers(model, config, skip)
+    prefix, blocks = find_blocks(model)
+    warn_other_block_lists(model, prefix)
+    found = {f"{prefix}.{index}.{rel}": counts for index, specs in group_by_block(plan, prefix).items()
+             for rel, counts in nonfinite_counts(blocks[index], specs).items()}
+    plan = keep_finite(plan, found, config)
+    if not plan:
+        raise ValueError("every layer to quantize has NaN or inf weights: nothing is left to quantize")
     if config.tunes and calibration is None:
         raise ValueError(f"iters={config.iters} tunes on calibration data: pass dataset= (and tokenizer=) in the config")
     if config.avg_bits is not None:
         plan = _allocate(model, plan, config, scoring if scoring is not None else _scoring_from(calibration, config))
-    prefix, blocks = find_blocks(model)
-    per_block: dict[int, dict[str, QuantSpec]] = defaultdict(dict)
-    for name, spec in plan.items():
-        index, _, rel = name[len(prefix) + 1 :].partition(".")
-        per_block[int(index)][rel] = spec
+    per_block = group_by_block(plan, prefix)
 
     if config.tunes:
         reports = _tune_blocks(model, blocks, per_block, config, calibration)

@@ -1,29 +1,36 @@
-"""Write a checkpoint's tensors into safetensors shards as they come, holding none of them.
+"""Safetensors files: read a header (validated), and write shards as tensors come, holding none of them.
 
-Each tensor's bytes go to disk the moment it is added (a temporary data file per shard);
-when a shard is full, its file is assembled as safetensors' layout (an 8-byte header
-length, the JSON header with every tensor's dtype, shape and byte range, then the data)
-by copying the data file behind the header. So writing a checkpoint costs no memory beyond
-the tensor being added, whatever ``max_shard_size`` is.
+Layout: an 8-byte little-endian header length n, n bytes of JSON (per tensor its dtype,
+shape and ``data_offsets`` relative to the data section, plus an optional ``__metadata__``
+dict of strings), then the data section, which the tensors cover exactly, back to back.
 
-Files follow transformers' naming: one ``model.safetensors``, or ``model-0000i-of-0000N.safetensors``
-plus ``model.safetensors.index.json``.
+``read_header`` reads the header only and checks it against the file's size, so a file cut
+short or with a damaged header fails with its path before any tensor is read.
+
+``ShardWriter``: each tensor's bytes go to disk the moment it is added (a temporary data file
+per shard); ``close`` assembles each shard's file (header, then the data file copied behind
+it). So writing a checkpoint costs no memory beyond the tensor being added, whatever
+``max_shard_size`` is. Files follow transformers' naming: one ``model.safetensors``, or
+``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ShardWriter", "size_in_bytes"]
+__all__ = ["CheckpointError", "Header", "ShardWriter", "TensorInfo", "read_header", "size_in_bytes"]
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -31,7 +38,91 @@ _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
 }
+TORCH_DTYPES = {name: dtype for dtype, name in _DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not match its model; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors header; ``start``/``end`` are absolute byte offsets in the file."""
+
+    dtype: str  # safetensors' name: "F16", "I32", ...
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+
+
+def read_header(path: str | Path) -> Header:
+    """The validated header of a safetensors file; the tensor data is not read.
+
+    Raises ``CheckpointError`` naming the file when the header is not valid JSON of the
+    layout, or when the tensors do not cover the data section exactly (a file cut short
+    or with bytes appended, a damaged length or offset).
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        length = int.from_bytes(f.read(8), "little") if size >= 8 else None
+        if length is None or length > size - 8:
+            _broken(path, f"the file has {size} bytes, fewer than its header length field says"
+                    if length is not None else f"the file has {size} bytes, fewer than the 8-byte header length")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except ValueError as err:  # JSON or UTF-8 errors
+        _broken(path, f"its header is not valid JSON ({err})")
+    if not isinstance(header, dict):
+        _broken(path, "its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        _broken(path, "its __metadata__ is not a dict of strings")
+    data_start = 8 + length
+    tensors = {name: _tensor_info(path, name, entry, data_start) for name, entry in header.items()}
+    covered = data_start
+    for name, info in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
+        if info.start != covered:  # safetensors writes the tensors back to back
+            _broken(path, f"tensor {name} starts at byte {info.start}, expected {covered}")
+        covered = info.end
+    if covered != size:
+        _broken(path, f"its tensors end at byte {covered} but the file has {size} bytes"
+                + (" (it was cut short)" if covered > size else ""))
+    return Header(tensors, metadata)
+
+
+def _tensor_info(path: Path, name: str, entry, data_start: int) -> TensorInfo:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        _broken(path, f"the entry of tensor {name} is not {{dtype, shape, data_offsets}}")
+    if dtype not in TORCH_DTYPES:
+        _broken(path, f"tensor {name} has unknown dtype {dtype!r}")
+    ints = [*shape, begin, end] if isinstance(shape, list) else None
+    if ints is None or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ints):
+        _broken(path, f"tensor {name} has an invalid shape {shape!r} or data_offsets {[begin, end]!r}")
+    count = 1
+    for dim in shape:
+        count *= dim
+    if end - begin != count * TORCH_DTYPES[dtype].itemsize:
+        _broken(path, f"tensor {name} ({dtype}, shape {shape}) does not fit its {end - begin}-byte range")
+    return TensorInfo(dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _broken(path: Path, reason: str) -> NoReturn:
+    raise CheckpointError(
+        f"{path} is not a valid safetensors file: {reason}. The file is damaged or incomplete (e.g. an interrupted "
+        "download or save): re-download or re-save the checkpoint"
+    )
 
 
 def size_in_bytes(size: int | str) -> int:
@@ -46,7 +137,8 @@ def size_in_bytes(size: int | str) -> int:
 
 class ShardWriter:
     """``add`` tensors in order; a new shard starts when the next tensor would pass ``max_shard_size``;
-    ``close`` gives the shards their final names and writes the index.
+    ``close`` assembles the shards under their final names (with ``metadata`` in every header)
+    and writes the index.
 
     Stale weight files of an earlier save in the folder are removed first: a leftover shard
     would otherwise be read alongside the new ones.
@@ -58,7 +150,7 @@ class ShardWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         for old in [*self.folder.glob("model*.safetensors"), self.folder / INDEX]:
             old.unlink(missing_ok=True)
-        self.written: list[tuple[str, list[str]]] = []
+        self.written: list[tuple[Path, dict[str, dict]]] = []  # per finished shard: data file, header
         self.total_bytes = 0
         self._header: dict[str, dict] = {}
         self._data = None  # the open data file of the shard being filled
@@ -80,34 +172,37 @@ class ShardWriter:
         self.total_bytes += size
 
     def flush(self) -> None:
-        """Finish the shard being filled: header, then its data."""
+        """Finish the shard being filled: its data is complete; the file is assembled by ``close``."""
         if self._data is None:
             return
         self._data.close()
-        data = Path(self._data.name)
-        name = f".shard-{len(self.written):05d}.tmp"
-        header = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
-        with open(self.folder / name, "wb") as out, open(data, "rb") as src:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
-            shutil.copyfileobj(src, out, 16 * 2**20)
-        data.unlink()
-        self.written.append((name, list(self._header)))
+        self.written.append((Path(self._data.name), self._header))
         self._header, self._data, self._size = {}, None, 0
 
-    def close(self) -> list[str]:
-        """Write what is left, give the shards their final names; returns the files written."""
+    def close(self, metadata: dict[str, str] | None = None) -> list[str]:
+        """Write the shards under their final names, each header carrying ``metadata`` (strings);
+        returns the files written."""
         self.flush()
-        if len(self.written) == 1:
-            (self.folder / self.written[0][0]).rename(self.folder / WEIGHTS)
-            return [WEIGHTS]
-        files, weight_map = [], {}
-        for i, (tmp, keys) in enumerate(self.written, 1):
-            final = f"model-{i:05d}-of-{len(self.written):05d}.safetensors"
-            (self.folder / tmp).rename(self.folder / final)
-            weight_map.update(dict.fromkeys(keys, final))
-            files.append(final)
+        meta = {"format": "pt", **(metadata or {})}
+        count = len(self.written)
+        names = [WEIGHTS] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+        for (data, header), name in zip(self.written, names):
+            self._assemble(data, header, meta, name)
+        if count == 1:
+            return names
+        weight_map = {key: name for (_, header), name in zip(self.written, names) for key in header}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        return [*files, INDEX]
+        return [*names, INDEX]
+
+    def _assemble(self, data: Path, header: dict[str, dict], metadata: dict[str, str], name: str) -> None:
+        """One shard's file: 8-byte header length, the header, then its data file copied behind it."""
+        raw = json.dumps({"__metadata__": metadata, **header}, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        partial = self.folder / f".{name}.tmp"  # the final name only once complete
+        with open(partial, "wb") as out, open(data, "rb") as src:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            shutil.copyfileobj(src, out, 16 * 2**20)
+        data.unlink()
+        partial.rename(self.folder / name)

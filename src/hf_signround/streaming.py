@@ -34,12 +34,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import capture_block_inputs, find_blocks, set_module, to_device
+from .blocks import capture_block_inputs, find_blocks, nonfinite_counts, set_module, to_device, warn_other_block_lists
 from .calibration import build_calibration
+from .checkpoint import LAYOUT_KEY, checkpoint_renamer, config_fingerprint
 from .config import SignRoundV2Config
 from .memory import return_freed_memory
-from .quantize import BlockReport, _tune_block, plan_layers, to_quant_linear
-from .shards import ShardWriter
+from .outputs import check_output, staged_output
+from .quantize import BlockReport, _tune_block, group_by_block, keep_finite, plan_layers, to_quant_linear
+from .shards import TORCH_DTYPES, CheckpointError, ShardWriter, TensorInfo, read_header
 from .tuning import BlockCall
 
 logger = logging.getLogger(__name__)
@@ -56,23 +58,37 @@ class _Checkpoint:
     """
 
     def __init__(self, folder: Path, model: nn.Module):
-        from safetensors import safe_open
-
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            stored = {key: folder / name for key, name in json.loads(index.read_text())["weight_map"].items()}
-        elif (folder / "model.safetensors").is_file():
-            with safe_open(str(folder / "model.safetensors"), "pt") as handle:
-                stored = dict.fromkeys(handle.keys(), folder / "model.safetensors")
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index} is not a valid shard index ({err!r}): re-download or re-save the "
+                                      "checkpoint") from err
+            stored = {key: folder / name for key, name in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():  # its header is read twice: it is small
+            stored = dict.fromkeys(read_header(folder / "model.safetensors").tensors, folder / "model.safetensors")
         else:
             raise FileNotFoundError(
                 f"{folder} holds no model.safetensors or model.safetensors.index.json: the streaming quantizer reads "
                 "safetensors checkpoints (re-save a .bin checkpoint with save_pretrained first)"
             )
+        # Every file's header is read (and checked) now: a damaged file fails before any work.
+        self.headers = {path: read_header(path).tensors for path in sorted(set(stored.values()))}
+        self.folder = folder
         self.files: dict[str, tuple[Path, str]] = {}  # model name -> (file, checkpoint name)
-        rename = _renamer(model)
+        rename = checkpoint_renamer(model)
         for key, path in stored.items():
-            self.files[rename(key)] = (path, key)
+            if key not in self.headers[path]:
+                raise CheckpointError(f"{index} lists {key} in {path.name}, which does not hold it: re-download or "
+                                      "re-save the checkpoint")
+            name, converted = rename(key)
+            if converted:
+                raise ValueError(
+                    f"checkpoint tensor {key} is converted (merged or split) when {type(model).__name__} loads, which "
+                    "the streaming quantizer does not do: quantize with from_pretrained(..., device_map='auto') instead"
+                )
+            self.files[name] = (path, key)
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = defaultdict(list)
@@ -81,39 +97,20 @@ class _Checkpoint:
         out = {}
         for path, names in by_file.items():
             with open(path, "rb") as f:
-                header = _header(f)
-                out.update({name: _read_tensor(f, header, self.files[name][1]) for name in names})
+                out.update({name: _read_tensor(f, self.headers[path][self.files[name][1]], name) for name in names})
         return out
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-
-
-def _header(f) -> dict:
-    """A safetensors file's header, with each tensor's absolute byte offset under ``"start"``."""
-    size = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(size))
-    for entry in header.values():
-        if isinstance(entry, dict) and "data_offsets" in entry:
-            entry["start"] = 8 + size + entry["data_offsets"][0]
-    return header
-
-
-def _read_tensor(f, header: dict, name: str) -> torch.Tensor:
+def _read_tensor(f, info: TensorInfo, name: str) -> torch.Tensor:
     """Read one tensor straight into fresh memory. Not safetensors' memory map: the pages it
     touches would stay resident (and counted) while any tensor from the file lives, and a
     copy out of it needs the memory twice."""
-    entry = header[name]
-    if entry["dtype"] not in _DTYPES:
-        raise ValueError(f"{name} has dtype {entry['dtype']}, which the streaming quantizer does not read")
-    begin, end = entry["data_offsets"]
-    data = torch.empty(end - begin, dtype=torch.uint8)
-    f.seek(entry["start"])
-    if f.readinto(memoryview(data.numpy())) != end - begin:
-        raise ValueError(f"{name} is truncated in {f.name}: the checkpoint file is incomplete")
-    return data.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+    data = torch.empty(info.end - info.start, dtype=torch.uint8)
+    f.seek(info.start)
+    if f.readinto(memoryview(data.numpy())) != info.end - info.start:
+        raise CheckpointError(f"{name} is truncated in {f.name}: the checkpoint file is incomplete; re-download or "
+                              "re-save the checkpoint")
+    return data.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
 
 def _stored_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,32 +118,6 @@ def _stored_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[st
     from transformers.core_model_loading import revert_weight_conversion
 
     return revert_weight_conversion(model, tensors)
-
-
-def _renamer(model: nn.Module):
-    """Checkpoint tensor name -> the model's, by the renaming rules from_pretrained applies."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import (
-        WeightConverter,
-        WeightRenaming,
-        rename_source_key,
-    )
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    meta_state = model.state_dict()
-
-    def rename(key: str) -> str:
-        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
-        if converted is not None:
-            raise ValueError(
-                f"checkpoint tensor {key} is converted (merged or split) when {type(model).__name__} loads, which the "
-                "streaming quantizer does not do: quantize with from_pretrained(..., device_map='auto') instead"
-            )
-        return name
-
-    return rename
 
 
 def _assign(root: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -182,6 +153,7 @@ def quantize_checkpoint(
     config: SignRoundV2Config,
     max_shard_size: int | str = "500MB",
     dtype: str | torch.dtype = "auto",
+    overwrite: bool = True,
 ) -> dict[str, BlockReport]:
     """Quantize the float checkpoint in ``model_dir`` into ``save_directory`` with bounded memory.
 
@@ -189,8 +161,15 @@ def quantize_checkpoint(
     followed by ``save_pretrained(save_directory)``, bit for bit, without ever holding the
     float model: see the module docstring for what is in memory at once. The tokenizer is
     not copied. Returns the per-block report of ``quantize_model``.
+
+    ``save_directory`` is written whole (``outputs.staged_output``): the checkpoint goes into a
+    temporary folder beside it and replaces it only once complete, so an interrupted run
+    leaves it as it was. It may not be, hold or lie inside ``model_dir``; ``overwrite=False``
+    refuses one that is not empty. Each block's weights are checked for NaN and inf as they
+    are read (``config.skip_nonfinite``).
     """
     model_dir, out = Path(model_dir), Path(save_directory)
+    check_output(out, sources=(model_dir,), overwrite=overwrite)
     if config.avg_bits is not None:
         raise ValueError(
             "avg_bits needs the whole-model sensitivity pass, which the streaming quantizer does not run: load with "
@@ -200,18 +179,33 @@ def quantize_checkpoint(
     source = _Checkpoint(model_dir, model)
     prefix, blocks = find_blocks(model)
     plan = plan_layers(model, config)  # lm_head and embeddings live outside the blocks
-    per_block: dict[int, dict] = defaultdict(dict)
-    for name, spec in plan.items():
-        index, _, rel = name[len(prefix) + 1 :].partition(".")
-        per_block[int(index)][rel] = spec
+    warn_other_block_lists(model, prefix)
     calibration = None
     if config.tunes:
         if config.dataset is None:
             raise ValueError(f"iters={config.iters} tunes on calibration data: pass dataset= and tokenizer= in the "
                              "config, or iters=0 for round-to-nearest")
         calibration = build_calibration(config.dataset, config.tokenizer, config.nsamples, config.seqlen, config.seed)
+    with staged_output(out, overwrite=overwrite) as stage:
+        writer = ShardWriter(stage, max_shard_size)
+        reports = _write_checkpoint(model, source, plan, calibration, config, writer)
+        if not plan:
+            raise ValueError("every layer to quantize has NaN or inf weights: nothing is left to quantize")
+        config.layer_config = {n: {"bits": s.bits, "group_size": s.group_size, "sym": s.sym} for n, s in plan.items()}
+        files = writer.close({LAYOUT_KEY: config_fingerprint(config)})
+        hf_config.quantization_config = config
+        hf_config.save_pretrained(stage)
+        _copy_generation_config(model_dir, stage)
+    logger.info("quantized %d layers in %d blocks into %s (%s)", len(plan), len(blocks), out, ", ".join(files))
+    return {f"{prefix}.{i}": report for i, report in reports.items()}
 
-    writer = ShardWriter(out, max_shard_size)
+
+def _write_checkpoint(model: nn.Module, source: _Checkpoint, plan: dict, calibration: torch.Tensor | None,
+                      config: SignRoundV2Config, writer: ShardWriter) -> dict[int, BlockReport]:
+    """Copy the tensors outside the blocks, then read, quantize and write the blocks one by one.
+    Layers kept in full precision for NaN or inf weights are dropped from ``plan``."""
+    prefix, blocks = find_blocks(model)
+    per_block = group_by_block(plan, prefix)
     device = config.compute_device
     fp_in = q_in = call = None
     outside = [k for k in model.state_dict() if not k.startswith(prefix + ".")]
@@ -239,10 +233,11 @@ def quantize_checkpoint(
         keys = [f"{name}.{k}" for k in block.state_dict()]
         missing = [k for k in keys if k not in source.files]
         if missing:
-            raise ValueError(f"{model_dir} lacks {missing[:3]}: the streaming quantizer needs checkpoint tensor names "
-                             "that match the model's; quantize with from_pretrained(..., device_map='auto') instead")
+            raise ValueError(f"{source.folder} lacks {missing[:3]}: the streaming quantizer needs checkpoint tensor "
+                             "names that match the model's; quantize with from_pretrained(..., device_map='auto') "
+                             "instead")
         _assign(block, {k[len(name) + 1 :]: t for k, t in source.read(keys).items()}, device)
-        specs = per_block.get(i, {})
+        specs = _finite_specs(block, name, per_block.get(i, {}), plan, config)
         if config.tunes:
             reports[i], fp_in, q_in = _tune_block(block, specs, call, fp_in, q_in, config, i)
             if reports[i].loss_after is not None:
@@ -255,14 +250,17 @@ def quantize_checkpoint(
             writer.add(key, tensor)
         block.to("meta")  # frees the block
         return_freed_memory()
-    files = writer.close()
+    return reports
 
-    config.layer_config = {n: {"bits": s.bits, "group_size": s.group_size, "sym": s.sym} for n, s in plan.items()}
-    hf_config.quantization_config = config
-    hf_config.save_pretrained(out)
-    _copy_generation_config(model_dir, out)
-    logger.info("quantized %d layers in %d blocks into %s (%s)", len(plan), len(blocks), out, ", ".join(files))
-    return {f"{prefix}.{i}": report for i, report in reports.items()}
+
+def _finite_specs(block: nn.Module, name: str, specs: dict, plan: dict, config: SignRoundV2Config) -> dict:
+    """The block's specs less its layers with NaN or inf weights (``quantize.keep_finite`` raises
+    unless ``config.skip_nonfinite``); those are dropped from ``plan`` too."""
+    found = {f"{name}.{rel}": counts for rel, counts in nonfinite_counts(block, specs).items()}
+    kept = keep_finite({f"{name}.{rel}": spec for rel, spec in specs.items()}, found, config)
+    for layer in found:
+        plan.pop(layer)
+    return {rel: spec for rel, spec in specs.items() if f"{name}.{rel}" in kept}
 
 
 def _to_meta(root: nn.Module, keys: list[str]) -> None:

@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..blocks import find_blocks
+from ..outputs import check_output, staged_output
 from ..packing import unpack_qweight_kmajor, unpack_qzeros_nmajor
 from ..qlinear import QuantLinear
 from ..shards import ShardWriter
@@ -206,13 +207,19 @@ def _tensors(model: nn.Module, qlayers: dict[str, QuantLinear], keep: set[str]):
         yield prefix, tensors, None
 
 
-def export_gptq(model: nn.Module, save_directory: str | Path, max_shard_size: int | str = "5GB") -> GPTQExport:
+def export_gptq(model: nn.Module, save_directory: str | Path, max_shard_size: int | str = "5GB",
+                overwrite: bool = True) -> GPTQExport:
     """Write ``model`` (quantized by hf_signround) as a GPTQ v1 checkpoint in ``save_directory``.
 
     Weights are converted and written one layer at a time (offloaded layers are brought in
     one by one), so the export needs about one shard of extra memory. The tokenizer is not
     written: save it next to the weights yourself (the CLI does).
+
+    ``save_directory`` is written whole (``outputs.staged_output``): into a temporary folder
+    beside it that replaces it once complete. It may not be, hold or lie inside the folder
+    the model was loaded from; ``overwrite=False`` refuses one that is not empty.
     """
+    out = check_output(save_directory, sources=(_loaded_from(model),), overwrite=overwrite)
     qlayers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not qlayers:
         raise ValueError(
@@ -224,14 +231,29 @@ def export_gptq(model: nn.Module, save_directory: str | Path, max_shard_size: in
             _check_shape(layer)
         except ValueError as err:
             raise ValueError(f"cannot export {name} to GPTQ: {err}") from err
-    writer = ShardWriter(save_directory, max_shard_size)  # validates the size, clears an older export
+    with staged_output(out, overwrite=overwrite) as stage:
+        result = _write_gptq(model, qlayers, stage, max_shard_size)
+    result.path = out
+    return result
+
+
+def _loaded_from(model: nn.Module) -> Path | None:
+    """The local folder ``model`` was loaded from, if any (an export must not overwrite it)."""
+    config = getattr(model, "config", None)
+    for where in (getattr(model, "name_or_path", None), getattr(config, "_name_or_path", None)):
+        if where and Path(where).expanduser().is_dir():
+            return Path(where).expanduser()
+    return None
+
+
+def _write_gptq(model: nn.Module, qlayers: dict[str, QuantLinear], out: Path, max_shard_size: int | str) -> GPTQExport:
+    writer = ShardWriter(out, max_shard_size)
     prefix, _ = find_blocks(model)
     float_layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix + ".")]
 
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     keep = set(remove_tied_weights_from_state_dict(model.state_dict(), model))
-    out = Path(save_directory)
     specs: dict[str, dict] = {}
     result = GPTQExport(out, {}, [])
     progress = tqdm(total=len(qlayers), desc="GPTQ export", unit="layer")
@@ -262,7 +284,7 @@ def export_gptq(model: nn.Module, save_directory: str | Path, max_shard_size: in
     if result.regrouped:
         logger.info("GPTQ export: %d layers written with a smaller group size (group_size must divide in_features "
                     "for GPTQ kernels), e.g. %s", len(result.regrouped), next(iter(result.regrouped.items())))
-    logger.info("GPTQ export: %d layers, %.1f MB in %s", len(specs), total / 1e6, out)
+    logger.info("GPTQ export: %d layers, %.1f MB", len(specs), total / 1e6)
     return result
 
 
