@@ -285,7 +285,7 @@ def test_an_interrupted_quantize_leaves_out_as_it_was(llama_dir, tmp_path, capsy
             raise KeyboardInterrupt
 
     if low_memory:  # Ctrl-C while blocks are being written: after 3 tensors outside the blocks and block 0
-        monkeypatch.setattr(streaming, "_return_freed_memory", ctrl_c)
+        monkeypatch.setattr(streaming, "return_freed_memory", ctrl_c)
     else:  # Ctrl-C after the model is saved, while the tokenizer is
         tokenizer = cli._load_tokenizer(str(llama_dir), required=False)
         monkeypatch.setattr(tokenizer, "save_pretrained", ctrl_c)

@@ -137,7 +137,7 @@ def test_an_interrupted_run_leaves_out_as_it_was(llama_dir, tmp_path, monkeypatc
         if len(calls) == 4:  # 3 tensors outside the blocks, then block 0
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(streaming, "_return_freed_memory", interrupt)
+    monkeypatch.setattr(streaming, "return_freed_memory", interrupt)
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(llama_dir, out, SignRoundV2Config(bits=4, group_size=32, iters=0), max_shard_size="20KB")
     assert len(calls) == 4
