@@ -23,8 +23,11 @@ the `-proxy` ablation allocates by the weight-only proxy ||W - Q(W)||^2 instead,
 `-fisher` by second-order DeltaLoss (signed first-order plus empirical-Fisher term, float-model
 gradient, W - Q(W) from the pre-tuning scale search; `deltaloss_fisher`). A trailing `-untied`
 lets every Linear of a mixed row take its own option (`tie_fused=False`; by default q/k/v and
-gate/up share one). Results are merged into the JSON file row by row, so an
-interrupted run keeps what it finished.
+gate/up share one). A trailing `-i<iters>` sets the tuning steps of a tuned row (default 50).
+`--seeds` runs every row once per calibration seed (other windows of the same sizes; the
+seed also seeds the tuning); rows of seeds other than 42 are stored as `row@s<seed>`, and
+`--summary` prints each row's mean and standard deviation over its seeds. Results are merged
+into the JSON file row by row, so an interrupted run keeps what it finished.
 Every row also records the CPU it ran on: its model name, whether it has bfloat16
 instructions, and a bfloat16 matrix product's speed against float32 there (our `amp` uses
 bfloat16 only at >= 1.25x; auto-round casts to bfloat16 wherever the instructions exist).
@@ -62,7 +65,7 @@ DEFAULT_ROWS = (
     + ["ours-A3.135-W2G64+W3G128+W4G128-sym-fisher"]
 )
 ROW = re.compile(r"^(fp|rtn|ours|ar|arv2)(?:-A(\d+(?:\.\d+)?))?(?:-(W\dG-?\d+(?:\+W\dG-?\d+)*)-(sym|asym))?"
-                 r"(?:-(noscale|notopk|droptopk|proxy|anchor|fisher))?(-untied)?$")
+                 r"(?:-(noscale|notopk|droptopk|proxy|anchor|fisher))?(-untied)?(?:-i(\d+))?$")
 OPTION = re.compile(r"W(\d)G(-?\d+)")
 ITERS, NSAMPLES, SEQLEN, BATCH, SEED = 50, 32, 256, 8, 42
 SCORING_NSAMPLES, SCORING_SEQLEN = 16, 256
@@ -72,21 +75,24 @@ def parse(row: str) -> dict:
     m = ROW.match(row)
     if not m or (m.group(1) != "fp" and m.group(3) is None):
         raise SystemExit(f"unknown row {row!r}; see --list")
-    kind, avg, options, sym, ablation, untied = m.groups()
+    kind, avg, options, sym, ablation, untied, iters = m.groups()
     options = [(int(b), int(g)) for b, g in OPTION.findall(options)] if options else [(16, 0)]
     if (avg is None) != (len(options) == 1) or (avg is not None and kind != "ours"):
         raise SystemExit(f"row {row!r}: one scheme without A<avg>, or ours-A<avg> with several options")
     if untied and avg is None:
         raise SystemExit(f"row {row!r}: -untied is for mixed rows (ours-A<avg>-...) only")
+    if iters is not None and kind not in ("ours", "ar", "arv2"):
+        raise SystemExit(f"row {row!r}: -i<iters> is for tuned rows (ours, ar, arv2)")
     return {"kind": kind, "bits": options[0][0], "group_size": options[0][1], "sym": sym == "sym",
             "ablation": ablation, "avg_bits": None if avg is None else float(avg), "options": options,
-            "tie_fused": not untied}
+            "tie_fused": not untied, "iters": ITERS if iters is None else int(iters)}
 
 
-def run_ours(model, spec: dict, calib: torch.Tensor, scoring: torch.Tensor) -> tuple[float, SignRoundV2Config]:
+def run_ours(model, spec: dict, calib: torch.Tensor, scoring: torch.Tensor, seed: int):
     cfg = SignRoundV2Config(
         bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"],
-        iters=0 if spec["kind"] == "rtn" else ITERS, nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=BATCH, seed=SEED,
+        iters=0 if spec["kind"] == "rtn" else spec["iters"], nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=BATCH,
+        seed=seed,
         scale_search=spec["ablation"] != "noscale", topk_exclusion=False if spec["ablation"] == "notopk" else None,
         topk_mode="drop" if spec["ablation"] == "droptopk" else "huber",
         avg_bits=spec["avg_bits"], bit_options=spec["options"] if spec["avg_bits"] else None,
@@ -94,16 +100,16 @@ def run_ours(model, spec: dict, calib: torch.Tensor, scoring: torch.Tensor) -> t
         sensitivity_nsamples=SCORING_NSAMPLES, sensitivity_seqlen=SCORING_SEQLEN, tie_fused=spec["tie_fused"],
     )
     start = time.perf_counter()
-    quantize_model(model, cfg, calib if cfg.tunes else None, skip=["lm_head"], scoring=scoring)
-    return time.perf_counter() - start, cfg
+    result = quantize_model(model, cfg, calib if cfg.tunes else None, skip=["lm_head"], scoring=scoring)
+    return time.perf_counter() - start, result
 
 
-def run_autoround(model, tok, spec: dict, calib: torch.Tensor):
+def run_autoround(model, tok, spec: dict, calib: torch.Tensor, seed: int):
     from auto_round import AutoRound
 
     ar = AutoRound(
-        model, tok, bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"], iters=ITERS,
-        nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=BATCH, seed=SEED, dataset=[row[None] for row in calib],
+        model, tok, bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"], iters=spec["iters"],
+        nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=BATCH, seed=seed, dataset=[row[None] for row in calib],
         enable_alg_ext=spec["kind"] == "arv2", device_map="cpu",
     )
     start = time.perf_counter()
@@ -112,11 +118,11 @@ def run_autoround(model, tok, spec: dict, calib: torch.Tensor):
     return qmodel.float(), seconds
 
 
-def _histogram(cfg: SignRoundV2Config) -> dict[str, int]:
+def _histogram(result) -> dict[str, int]:
     """How many weights each option got."""
     out: dict[str, int] = {}
-    for name, spec in cfg.allocation.specs.items():
-        n, k = cfg.allocation.shapes[name]
+    for name, spec in result.allocation.specs.items():
+        n, k = result.allocation.shapes[name]
         key = f"W{spec.bits}G{spec.group_size}"
         out[key] = out.get(key, 0) + n * k
     return out
@@ -132,15 +138,44 @@ def machine() -> dict[str, object]:
             "cpu_bf16_speedup": round(cpu_bf16_speedup(), 2) if has_bf16 else None}
 
 
+def key_of(row: str, seed: int) -> str:
+    """Results key: the row alone for the default seed (the older files), ``row@s<seed>`` otherwise."""
+    return row if seed == SEED else f"{row}@s{seed}"
+
+
+def summary(results: dict) -> dict[str, dict]:
+    """Mean and sample standard deviation of perplexity and seconds per row over the seeds it ran with."""
+    groups: dict[str, list[dict]] = {}
+    for key, r in results.items():
+        groups.setdefault(key.split("@", 1)[0], []).append(r)
+    out = {}
+    for row, rs in groups.items():
+        ppl = torch.tensor([r["ppl"] for r in rs], dtype=torch.float64)
+        secs = [r["quantize_seconds"] for r in rs if r.get("quantize_seconds") is not None]
+        out[row] = {"seeds": len(rs), "ppl_mean": round(ppl.mean().item(), 3),
+                    "ppl_sd": round(ppl.std().item(), 3) if len(rs) > 1 else None,
+                    "seconds_mean": round(sum(secs) / len(secs), 1) if secs else None}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[SEED],
+                        help="calibration seeds: each picks other windows of the same sizes (and seeds the tuning)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality.json"))
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--list", action="store_true", help="print the default rows and exit")
+    parser.add_argument("--summary", action="store_true", help="print mean +- sd over seeds of --out's rows and exit")
+    parser.add_argument("--resume", action="store_true", help="skip rows (and seeds) --out already holds")
     args = parser.parse_args()
     if args.list:
         print("\n".join(DEFAULT_ROWS))
+        return
+    if args.summary:
+        for row, r in summary(json.loads(args.out.read_text())).items():
+            sd = "" if r["ppl_sd"] is None else f" +- {r['ppl_sd']:.3f}"
+            print(f"{row:<34} {r['seeds']} seeds  ppl {r['ppl_mean']:.3f}{sd}  seconds {r['seconds_mean']}")
         return
     specs = {row: parse(row) for row in args.rows}
     logging.basicConfig(level=logging.WARNING)
@@ -148,45 +183,51 @@ def main() -> None:
     model_dir = smollm2_path()
     tok = AutoTokenizer.from_pretrained(model_dir)
     windows = heldout_windows(tok, heldout_texts(), n_windows=args.eval_windows, seqlen=512)
-    calib = build_calibration(calibration_texts(), tok, NSAMPLES, SEQLEN, SEED)
-    scoring = build_calibration(calibration_texts(), tok, SCORING_NSAMPLES, SCORING_SEQLEN, SEED)
 
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     where = machine()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for row, spec in specs.items():
-        if spec["kind"] in ("ar", "arv2"):
-            try:
-                import auto_round  # noqa: F401
-            except ImportError:
-                print(f"{row}: skipped (pip install auto-round to run the reference)")
+    for seed in args.seeds:
+        calib = build_calibration(calibration_texts(), tok, NSAMPLES, SEQLEN, seed)
+        scoring = build_calibration(calibration_texts(), tok, SCORING_NSAMPLES, SCORING_SEQLEN, seed)
+        for row, spec in specs.items():
+            if spec["kind"] in ("ar", "arv2"):
+                try:
+                    import auto_round  # noqa: F401
+                except ImportError:
+                    print(f"{row}: skipped (pip install auto-round to run the reference)")
+                    continue
+            if spec["kind"] == "fp" and seed != args.seeds[0]:
+                continue  # no calibration: one row is enough
+            if args.resume and key_of(row, seed) in results:
                 continue
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        seconds, cfg = None, None
-        if spec["kind"] in ("rtn", "ours"):
-            seconds, cfg = run_ours(model, spec, calib, scoring)
-        elif spec["kind"] in ("ar", "arv2"):
-            model, seconds = run_autoround(model, tok, spec, calib)
-        ppl = perplexity(model, windows)
-        results[row] = {"ppl": round(ppl, 3), "quantize_seconds": None if seconds is None else round(seconds, 1),
-                        "iters": ITERS if spec["kind"] not in ("fp", "rtn") else 0, "nsamples": NSAMPLES,
-                        "seqlen": SEQLEN, "batch_size": BATCH, "eval_windows": args.eval_windows,
-                        "torch_threads": torch.get_num_threads(), **where}
-        if cfg is not None and cfg.allocation is not None:
-            results[row]["realized_avg_bits"] = cfg.realized_avg_bits
-            results[row]["bits_histogram"] = _histogram(cfg)
-            cfg.allocation.to_json(args.out.parent / f"{args.out.stem}-allocation-{row}.json")
-        args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        print(f"{row:<28} ppl {ppl:9.3f}   seconds {seconds if seconds is None else round(seconds, 1)}", flush=True)
-        del model
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+            seconds, result = None, None
+            if spec["kind"] in ("rtn", "ours"):
+                seconds, result = run_ours(model, spec, calib, scoring, seed)
+            elif spec["kind"] in ("ar", "arv2"):
+                model, seconds = run_autoround(model, tok, spec, calib, seed)
+            ppl = perplexity(model, windows)
+            key = key_of(row, seed)
+            results[key] = {"ppl": round(ppl, 3), "quantize_seconds": None if seconds is None else round(seconds, 1),
+                            "iters": spec["iters"] if spec["kind"] not in ("fp", "rtn") else 0, "seed": seed,
+                            "nsamples": NSAMPLES, "seqlen": SEQLEN, "batch_size": BATCH,
+                            "eval_windows": args.eval_windows, "torch_threads": torch.get_num_threads(), **where}
+            if result is not None and result.allocation is not None:
+                results[key]["realized_avg_bits"] = result.realized_avg_bits
+                results[key]["bits_histogram"] = _histogram(result)
+                result.allocation.to_json(args.out.parent / f"{args.out.stem}-allocation-{key}.json")
+            args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+            print(f"{key:<34} ppl {ppl:9.3f}   seconds {seconds if seconds is None else round(seconds, 1)}", flush=True)
+            del model
 
-    print(f"\n{'row':<28} {'ppl':>9} {'vs fp':>7} {'seconds':>8}")
+    print(f"\n{'row':<34} {'ppl':>9} {'vs fp':>7} {'seconds':>8}")
     fp = results.get("fp", {}).get("ppl")
     for row, r in results.items():
         ratio = f"{r['ppl'] / fp:.3f}" if fp else "-"
         secs = "-" if r["quantize_seconds"] is None else f"{r['quantize_seconds']:.0f}"
-        print(f"{row:<28} {r['ppl']:>9.3f} {ratio:>7} {secs:>8}")
+        print(f"{row:<34} {r['ppl']:>9.3f} {ratio:>7} {secs:>8}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,11 @@
 
 On SmolLM2-135M-Instruct with 16 x 256 scoring windows from Python's `library/` docs: the
 time of one ordinary training-style forward+backward (weight gradients of every parameter)
-over the windows, then the time each scoring takes, whole-model and block-by-block: spec
-DeltaLoss for one option (it costs that per option), and for the two options W2G64 + W4G128
-the anchored DeltaLoss and the second-order DeltaLoss (`deltaloss_fisher`), which take one
-gradient for every option (the latter adds one forward without gradients, for the scale
-search's importance, on the whole-model path). All are measured in the same run, interleaved,
-so the ratios hold on a noisy machine.
+over the windows, then the time each scoring takes (block by block, the only way it runs):
+spec DeltaLoss for one option (it costs that per option), and for the two options W2G64 +
+W4G128 the anchored DeltaLoss and the second-order DeltaLoss (`deltaloss_fisher`), which take
+one gradient for every option. All are measured in the same run, interleaved, so the ratios
+hold on a noisy machine.
 
     python benchmarks/sensitivity_cost.py [--repeats 2]
 """
@@ -23,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_signround.assets import calibration_texts, smollm2_path
-from hf_signround.blocks import quantizable_layers
+from hf_signround.blocks import ResidentBlocks, quantizable_layers
 from hf_signround.calibration import build_calibration
 from hf_signround.qfunc import QuantSpec
 from hf_signround.sensitivity import delta_loss_scores, taylor_scores
@@ -54,13 +53,11 @@ def main() -> None:
     layers = quantizable_layers(model, ["lm_head"])
     one, two = [QuantSpec(2, 64, True)], [QuantSpec(2, 64, True), QuantSpec(4, 128, True)]
     kw = dict(batch_size=BATCH, scale_dtype=torch.float16, device=torch.device("cpu"))
+    source = ResidentBlocks(model)
     passes = {
-        "deltaloss_1_option_whole_model": lambda: delta_loss_scores(model, layers, one, ids, by_blocks=False, **kw),
-        "deltaloss_1_option_by_blocks": lambda: delta_loss_scores(model, layers, one, ids, by_blocks=True, **kw),
-        "deltaloss_anchored_2_options_whole_model": lambda: delta_loss_scores(model, layers, two, ids, by_blocks=False,
-                                                                              anchor=two[1], **kw),
-        "deltaloss_fisher_2_options_whole_model": lambda: taylor_scores(model, layers, two, ids, by_blocks=False, **kw),
-        "deltaloss_fisher_2_options_by_blocks": lambda: taylor_scores(model, layers, two, ids, by_blocks=True, **kw),
+        "deltaloss_1_option": lambda: delta_loss_scores(source, layers, one, ids, **kw),
+        "deltaloss_anchored_2_options": lambda: delta_loss_scores(source, layers, two, ids, anchor=two[1], **kw),
+        "deltaloss_fisher_2_options": lambda: taylor_scores(source, layers, two, ids, **kw),
     }
     rows = {"plain_forward_backward": [], **{k: [] for k in passes}}
     for _ in range(args.repeats):  # interleaved, so drifting load hits every row alike

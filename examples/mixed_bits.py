@@ -35,7 +35,7 @@ tok = AutoTokenizer.from_pretrained(path)
 cfg = SignRoundV2Config(avg_bits=args.avg_bits, bit_options=args.bit_options, sym=True, iters=args.iters,
                         dataset=calibration_texts(), tokenizer=tok, nsamples=32, seqlen=256)
 model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg)
-report = model.config.quantization_config.allocation
+report = model.hf_quantizer.result.allocation
 print(report.table())
 model.save_pretrained(args.out)
 tok.save_pretrained(args.out)

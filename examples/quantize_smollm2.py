@@ -77,7 +77,7 @@ def main() -> None:
 
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
-    allocation = model.config.quantization_config.allocation
+    allocation = model.hf_quantizer.result.allocation
     if allocation is not None:
         allocation.to_json(args.out / "sensitivity.json")
         try:

@@ -14,9 +14,9 @@ from hf_signround.evaluation import perplexity
 def quantized_ppl(model_dir, heldout, calib, **kw) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     cfg = SignRoundV2Config(**{"group_size": 128, "sym": True, "batch_size": 8, **kw})
-    reports = quantize_model(model, cfg, calib if cfg.needs_calibration else None, skip=["lm_head"])
-    if cfg.needs_calibration:
-        assert all(r.loss_after <= r.loss_before for r in reports.values())
+    result = quantize_model(model, cfg, calib if cfg.needs_calibration else None, skip=["lm_head"])
+    if cfg.needs_calibration:  # every block's kept step beats its first (0.999: not merely min(history) <= history[0])
+        assert all(r.loss_after < 0.999 * r.loss_before for r in result.reports.values())
     return perplexity(model, heldout)
 
 

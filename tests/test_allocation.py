@@ -51,8 +51,23 @@ def test_dp_infeasible_budget_raises():
         solve(np.array([[3, 4], [3, 9]]), np.ones((2, 2)), budget=5)
 
 
-def test_dp_many_units_stays_fast():
-    # 200 units x 4 options with realistic, repeated layer sizes: the Pareto front stays small
+def dense_knapsack_optimum(costs: np.ndarray, scores: np.ndarray, budget: int) -> float:
+    """The lowest total score within ``budget`` by the textbook DP over every total (costs in
+    units of their gcd): an independent reference, fine for a budget of some 10^5 units."""
+    unit = int(np.gcd.reduce(costs.ravel()))
+    c, cap = costs // unit, budget // unit
+    best = np.full(cap + 1, np.inf)
+    best[0] = 0.0
+    for u in range(len(c)):
+        nxt = np.full(cap + 1, np.inf)
+        for o in range(c.shape[1]):
+            nxt[c[u, o]:] = np.minimum(nxt[c[u, o]:], best[: cap + 1 - c[u, o]] + scores[u, o])
+        best = nxt
+    return float(best.min())
+
+
+def test_dp_is_optimal_on_many_units():
+    # 200 units x 4 options with realistic, repeated layer sizes (the Pareto front stays small)
     rng = np.random.default_rng(0)
     sizes = rng.choice([1, 3, 8], size=200)
     per_weight = np.array([2.28, 3.16, 4.16, 8.16])
@@ -61,6 +76,8 @@ def test_dp_many_units_stays_fast():
     budget = int(3.0 * 1000 * sizes.sum())
     choice = solve(costs, scores, budget)
     assert costs[np.arange(200), choice].sum() <= budget
+    assert scores[np.arange(200), choice].sum() == pytest.approx(dense_knapsack_optimum(costs, scores, budget),
+                                                                 rel=1e-12)
 
 
 def shapes_and_scores():

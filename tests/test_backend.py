@@ -105,10 +105,10 @@ def test_bad_backend_names_raise() -> None:
 def test_config_backend_reaches_every_layer_and_survives_reload(tmp_path) -> None:
     model = tiny_llama()
     config = SignRoundV2Config(bits=4, group_size=32, iters=0, backend="torch")
-    quantize_model(model, config)
+    result = quantize_model(model, config)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and {m.backend for m in layers} == {"torch"}
-    model.config.quantization_config = config
+    model.config.quantization_config = result.checkpoint_config(config)
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert {m.backend for m in again.modules() if isinstance(m, QuantLinear)} == {"torch"}

@@ -204,9 +204,24 @@ def test_low_memory_quantize_writes_the_same_checkpoint(llama_dir, tmp_path, cap
     assert AutoTokenizer.from_pretrained(tmp_path / "streamed")("the model")["input_ids"]
 
 
+def test_low_memory_mixed_bits_writes_the_same_checkpoint_and_allocation(llama_dir, tmp_path):
+    common = ["-q", "quantize", str(llama_dir), "--iters", "0", "--avg-bits", "3", "--bit-options", "2:32,4:32",
+              "--sensitivity-method", "weight_error"]
+    assert main([*common[:3], str(tmp_path / "streamed"), *common[3:], "--low-memory"]) == 0
+    assert main([*common[:3], str(tmp_path / "loaded"), *common[3:]]) == 0
+    from safetensors.torch import load_file
+
+    streamed, loaded = (load_file(tmp_path / kind / "model.safetensors") for kind in ("streamed", "loaded"))
+    assert streamed.keys() == loaded.keys() and all(torch.equal(streamed[k], loaded[k]) for k in loaded)
+    assert (tmp_path / "streamed" / "allocation.json").read_bytes() == (tmp_path / "loaded" / "allocation.json").read_bytes()
+    configs = [json.loads((tmp_path / kind / "config.json").read_text())["quantization_config"]
+               for kind in ("streamed", "loaded")]
+    assert configs[0] == configs[1] and configs[0]["realized_avg_bits"] <= 3
+    assert json.loads((tmp_path / "loaded" / "allocation.json").read_text())["realized_avg_bits"] <= 3
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--device-map", "auto"], "--low-memory reads the checkpoint block by block itself: drop --device-map"),
-    (["--avg-bits", "3", "--sensitivity-method", "weight_error"], "avg_bits needs the whole-model sensitivity pass"),
 ])
 def test_low_memory_errors(llama_dir, tmp_path, capsys, extra, message):
     assert main(["-q", "quantize", str(llama_dir), str(tmp_path / "o"), "--iters", "0", "--low-memory", *extra]) == 2

@@ -48,7 +48,6 @@ def test_deepcopy_shares_runtime_objects(tokenizer):
         ({"layer_config": {"a.b": {"bitz": 4}}}, r"layer_config\['a.b'\] has unknown keys \['bitz'\]"),
         ({"layer_config": "all"}, r"layer_config must be a dict of module name -> \{'bits': ..., 'group_size'"),
         ({"layer_config": {"a.b": 4}}, r"layer_config must be a dict of module name -> .* got \{'a.b': 4\}"),
-        ({"format_version": 99}, r"format_version=99: this hf_signround reads format 1"),
         ({"dataset": []}, r"empty"),
         ({"quant_method": "gptq"}, r"quant_method='gptq' does not belong"),
     ],
@@ -56,6 +55,27 @@ def test_deepcopy_shares_runtime_objects(tokenizer):
 def test_validation_errors(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         SignRoundV2Config(**kwargs)
+
+
+@pytest.mark.parametrize("saved, match", [
+    ({"format_version": 99}, r"format_version=99: this hf_signround reads format 1 only; upgrade hf_signround"),
+    ({"realized_avg_bits": "three"}, r"realized_avg_bits='three' is not a number"),
+    ({"bits": 5}, r"bits=5 is not supported"),
+])
+def test_checkpoint_metadata_is_read_and_checked_by_from_dict(saved, match):
+    with pytest.raises(ValueError, match=rf"invalid quantization_config in the checkpoint's config.json: {match}"):
+        SignRoundV2Config.from_dict({**SignRoundV2Config().to_dict(), **saved})
+    config = SignRoundV2Config.from_dict({**SignRoundV2Config().to_dict(), "realized_avg_bits": 3.25})
+    assert config.realized_avg_bits == 3.25 and config.format_version == 1
+    assert config.to_dict()["realized_avg_bits"] == 3.25
+
+
+def test_metadata_and_positions_are_not_constructor_arguments(caplog):
+    with caplog.at_level("WARNING"):
+        config = SignRoundV2Config(realized_avg_bits=3.0)
+    assert "ignores unknown keys: realized_avg_bits" in caplog.text and config.realized_avg_bits is None
+    with pytest.raises(TypeError):
+        SignRoundV2Config(4)  # every argument is a keyword
 
 
 def test_sym_and_iters_types():

@@ -179,10 +179,10 @@ def test_ark_op_passes_opcheck():
 @needs_ark
 def test_a_model_prepared_for_ark_saves_reloads_and_exports_exactly(tmp_path):
     model = tiny_llama()
-    model.config.quantization_config = SignRoundV2Config(bits=3, group_size=32, iters=0)
+    config = SignRoundV2Config(bits=3, group_size=32, iters=0)
     from hf_signround.quantize import quantize_model
 
-    quantize_model(model, model.config.quantization_config)
+    model.config.quantization_config = quantize_model(model, config).checkpoint_config(config)
     ids = torch.randint(3, 60, (1, 9))
     with torch.no_grad():
         set_backend(model, "torch")

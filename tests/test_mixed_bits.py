@@ -41,7 +41,7 @@ def packed_bits(path):
 def test_mixed_bits_quantize_save_reload_pipeline(llama_dir, tokenizer, corpus, tmp_path):
     cfg = mixed(dataset=corpus, tokenizer=tokenizer)
     model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=cfg)
-    qcfg = model.config.quantization_config
+    qcfg, result = model.config.quantization_config, model.hf_quantizer.result
     qlayers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert len({m.bits for m in qlayers.values()}) > 1, "a 3.2-bit budget over W2/W4/W8 mixes bit-widths"
     # q/k/v and gate/up are tied to one option (tie_fused defaults on)
@@ -52,8 +52,10 @@ def test_mixed_bits_quantize_save_reload_pipeline(llama_dir, tokenizer, corpus, 
     assert qcfg.realized_avg_bits <= 3.2
     assert qcfg.realized_avg_bits == pytest.approx(sum(8 * m.packed_nbytes() for m in qlayers.values()) / params,
                                                    abs=1e-6)  # (no biases in tiny Llama)
-    assert qcfg.allocation.realized == pytest.approx(qcfg.realized_avg_bits, abs=1e-6)
-    assert "chosen" in qcfg.allocation.table()
+    assert result.allocation.realized == pytest.approx(qcfg.realized_avg_bits, abs=1e-6)
+    assert result.realized_avg_bits == qcfg.realized_avg_bits and result.layer_config == qcfg.layer_config
+    assert "chosen" in result.allocation.table()
+    assert cfg.layer_config == {} and cfg.realized_avg_bits is None  # the user's config is input only
 
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
@@ -76,22 +78,22 @@ def test_pinned_layers_keep_their_spec_and_count_in_the_budget():
     calib = build_calibration(make_corpus(), make_tokenizer(), nsamples=4, seqlen=32, seed=0)
     pin = {"model.layers.0.mlp.down_proj": {"bits": 8, "group_size": -1}}
     cfg = mixed(iters=0, layer_config=pin, avg_bits=4.0)
-    quantize_model(model, cfg, calib)
+    result = quantize_model(model, cfg, calib)
     down = model.model.layers[0].mlp.down_proj
     assert (down.bits, down.group_size) == (8, -1)
-    assert "model.layers.0.mlp.down_proj" not in cfg.allocation.scores
-    assert cfg.realized_avg_bits <= 4.0
+    assert "model.layers.0.mlp.down_proj" not in result.allocation.scores
+    assert result.realized_avg_bits <= 4.0
     qlayers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    assert cfg.realized_avg_bits == pytest.approx(
+    assert result.realized_avg_bits == pytest.approx(
         sum(8 * m.packed_nbytes() for m in qlayers) / sum(m.in_features * m.out_features for m in qlayers), abs=1e-6)
 
 
 def test_weight_error_allocation_needs_no_data_and_untied_layers_may_differ():
     model = tiny_llama()
     cfg = mixed(iters=0, sensitivity_method="weight_error", tie_fused=False, avg_bits=3.0)
-    quantize_model(model, cfg)  # no calibration at all
-    assert cfg.allocation.method == "weight_error" and all(len(u) == 1 for u in cfg.allocation.units)
-    assert cfg.realized_avg_bits <= 3.0
+    result = quantize_model(model, cfg)  # no calibration at all
+    assert result.allocation.method == "weight_error" and all(len(u) == 1 for u in result.allocation.units)
+    assert result.realized_avg_bits <= 3.0
 
 
 def test_budget_outside_the_options_fails_before_scoring(llama_dir, tokenizer, corpus):
@@ -128,7 +130,8 @@ def test_allocation_config_validation(kwargs, match):
 
 
 def test_allocation_config_round_trip():
-    cfg = mixed(realized_avg_bits=3.19)
+    cfg = mixed()
+    cfg.realized_avg_bits = 3.19  # as a quantization records it
     again = SignRoundV2Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again.bit_options == OPTIONS and again.avg_bits == 3.2 and again.realized_avg_bits == 3.19
     assert SignRoundV2Config(avg_bits=3.0).options == [(2, 64), (3, 128), (4, 128), (8, 128)]
@@ -138,21 +141,21 @@ def test_allocation_config_round_trip():
 def test_second_order_allocation_scores_with_the_tuning_start(scale_search):
     """``deltaloss_fisher``: the allocation's scores are :func:`taylor_scores` on the scoring
     windows, priced with the scale search when the config searches scales, else round-to-nearest."""
-    from hf_signround.blocks import quantizable_layers
+    from hf_signround.blocks import ResidentBlocks, quantizable_layers
     from hf_signround.qfunc import QuantSpec
     from hf_signround.sensitivity import taylor_scores
 
     calib = build_calibration(make_corpus(), make_tokenizer(), nsamples=4, seqlen=32, seed=0)
     reference = tiny_llama()
-    want = taylor_scores(reference, quantizable_layers(reference, []), [QuantSpec(b, g, True) for b, g in OPTIONS],
+    want = taylor_scores(ResidentBlocks(reference), quantizable_layers(reference, []), [QuantSpec(b, g, True) for b, g in OPTIONS],
                          calib, batch_size=4, scale_dtype=torch.float16, device=torch.device("cpu"),
                          scale_search=scale_search)
     model = tiny_llama()
     cfg = mixed(iters=0, sensitivity_method="deltaloss_fisher", scale_search=scale_search)
-    quantize_model(model, cfg, calib)
-    assert cfg.allocation.method == "deltaloss_fisher"
-    assert cfg.allocation.scores.keys() == want.keys()
-    for name, scores in cfg.allocation.scores.items():
+    result = quantize_model(model, cfg, calib)
+    assert result.allocation.method == "deltaloss_fisher"
+    assert result.allocation.scores.keys() == want.keys()
+    for name, scores in result.allocation.scores.items():
         assert scores == pytest.approx(want[name], rel=1e-6, abs=1e-9), name
-    assert cfg.realized_avg_bits <= 3.2
-    assert len({s.bits for s in cfg.allocation.specs.values()}) > 1
+    assert result.realized_avg_bits <= 3.2
+    assert len({s.bits for s in result.allocation.specs.values()}) > 1

@@ -123,7 +123,7 @@ def test_qweight_qzeros_shapes_and_roundtrip(bits: int) -> None:
 
 def test_errors() -> None:
     codes = torch.zeros(2, 32, dtype=torch.uint8)
-    with pytest.raises(ValueError, match=r"bits=5.*\[2, 3, 4, 8\]"):
+    with pytest.raises(ValueError, match=r"bits=5 is not supported: choose one of 2, 3, 4, 8"):
         pack_int32_lastdim(codes, 5)
     with pytest.raises(ValueError, match=r"bits=5"):
         unpack_int32_lastdim(torch.zeros(2, 5, dtype=torch.int32), 5, 32)

@@ -90,3 +90,32 @@ def test_short_last_group_matches_per_group_quantization(sym):
         assert torch.equal(codes[:, lo:hi], c) and torch.equal(scales[:, g : g + 1], s)
         if not sym:
             assert torch.equal(zeros[:, g : g + 1], z)
+
+
+@pytest.mark.parametrize("with_v", [True, False])
+def test_hand_written_straight_through_backward_matches_autograd(with_v):
+    """``_FakeQuantSTE`` against autograd on the same expression written with a detached
+    rounding (the straight-through estimator) and a plain clamp: the forward, and the
+    gradients reaching ``v`` and ``s``."""
+    from hf_signround.qfunc import fake_quantize_grouped
+
+    gen = torch.Generator().manual_seed(0)
+    wg = torch.randn(6, 3, 16, generator=gen)
+    s = (torch.rand(6, 3, generator=gen) * 0.2 + 0.05).requires_grad_()
+    z = torch.randint(0, 8, (6, 3), generator=gen).float()
+    v = ((torch.rand(6, 3, 16, generator=gen) - 0.5) * 0.8).requires_grad_() if with_v else None
+    spec = QuantSpec(3, 16, False)
+    upstream = torch.randn(6, 3, 16, generator=gen)
+
+    ours = fake_quantize_grouped(wg, spec, s, z, v)
+    got = torch.autograd.grad((ours * upstream).sum(), [t for t in (v, s) if t is not None])
+
+    x = wg / s[..., None] + (v if v is not None else 0)
+    rounded = x + (torch.round(x) - x).detach()  # forward: round; backward: identity
+    ref = (torch.clamp(rounded + z[..., None], 0, spec.maxq) - z[..., None]) * s[..., None]
+    want = torch.autograd.grad((ref * upstream).sum(), [t for t in (v, s) if t is not None])
+    assert torch.equal(ours, ref.detach())
+    assert ((ref.detach() / s.detach()[..., None] + z[..., None]) == spec.maxq).any()  # clamping is exercised
+    assert ((ref.detach() / s.detach()[..., None] + z[..., None]) == 0).any()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)

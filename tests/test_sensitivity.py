@@ -1,11 +1,11 @@
-"""DeltaLoss against autograd, the two execution paths against each other, fused-layer groups."""
+"""DeltaLoss against autograd, offloaded models against resident ones, fused-layer groups."""
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from hf_signround import sensitivity
-from hf_signround.blocks import quantizable_layers
+from hf_signround.blocks import ResidentBlocks, quantizable_layers
 from hf_signround.qfunc import QuantSpec, fake_quantize
 from hf_signround.scale_search import search_factors
 from hf_signround.sensitivity import delta_loss_scores, shared_input_groups, taylor_scores, weight_error_scores
@@ -38,14 +38,13 @@ def autograd_estimate(model, spec, ids, batch_size, at=None):
 
 
 @pytest.mark.parametrize("arch", [tiny_llama, tiny_neox])
-@pytest.mark.parametrize("by_blocks", [False, True])
-def test_delta_loss_equals_the_autograd_first_order_estimate(arch, by_blocks, ids):
+def test_delta_loss_equals_the_autograd_first_order_estimate(arch, ids):
     model = arch()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     layers = quantizable_layers(model, [])
     weights = {n: m.weight for n, m in layers.items()}
-    scores = delta_loss_scores(model, layers, OPTIONS, ids, batch_size=4, scale_dtype=torch.float16, device=CPU,
-                               by_blocks=by_blocks)
+    scores = delta_loss_scores(ResidentBlocks(model), layers, OPTIONS, ids, batch_size=4, scale_dtype=torch.float16,
+                               device=CPU)
     for o, spec in enumerate(OPTIONS):
         expected = autograd_estimate(model, spec, ids, batch_size=4)
         for name in layers:
@@ -59,13 +58,12 @@ def test_delta_loss_equals_the_autograd_first_order_estimate(arch, by_blocks, id
     assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("by_blocks", [False, True])
-def test_anchored_delta_loss_takes_one_gradient_for_every_option(by_blocks, ids):
+def test_anchored_delta_loss_takes_one_gradient_for_every_option(ids):
     model = tiny_llama()
     layers = quantizable_layers(model, [])
     anchor = QuantSpec(8, 16, True)
-    scores = delta_loss_scores(model, layers, OPTIONS, ids, batch_size=4, scale_dtype=torch.float16, device=CPU,
-                               by_blocks=by_blocks, anchor=anchor)
+    scores = delta_loss_scores(ResidentBlocks(model), layers, OPTIONS, ids, batch_size=4, scale_dtype=torch.float16,
+                               device=CPU, anchor=anchor)
     for o, spec in enumerate(OPTIONS):
         expected = autograd_estimate(model, spec, ids, batch_size=4, at=anchor)
         for name in layers:
@@ -79,10 +77,10 @@ def test_offloaded_model_scores_block_by_block_like_resident(ids, tmp_path):
     offloaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map=device_map, offload_folder=tmp_path / "off")
     resident = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert offloaded.model.layers[1].mlp.up_proj.weight.device.type == "meta"
-    got = delta_loss_scores(offloaded, quantizable_layers(offloaded, []), OPTIONS, ids, batch_size=3,
-                            scale_dtype=torch.float16, device=CPU)  # auto: offloaded -> block by block
-    want = delta_loss_scores(resident, quantizable_layers(resident, []), OPTIONS, ids, batch_size=3,
-                             scale_dtype=torch.float16, device=CPU, by_blocks=False)
+    got = delta_loss_scores(ResidentBlocks(offloaded), quantizable_layers(offloaded, []), OPTIONS, ids, batch_size=3,
+                            scale_dtype=torch.float16, device=CPU)
+    want = delta_loss_scores(ResidentBlocks(resident), quantizable_layers(resident, []), OPTIONS, ids, batch_size=3,
+                             scale_dtype=torch.float16, device=CPU)
     assert got.keys() == want.keys()
     for name in want:
         assert got[name] == pytest.approx(want[name], rel=1e-4), name
@@ -91,7 +89,7 @@ def test_offloaded_model_scores_block_by_block_like_resident(ids, tmp_path):
 
 def test_shared_input_groups_find_what_engines_fuse():
     llama = tiny_llama()
-    groups = shared_input_groups(llama, quantizable_layers(llama, []))
+    groups = shared_input_groups(ResidentBlocks(llama), quantizable_layers(llama, []), CPU)
     attn, mlp = "model.layers.{}.self_attn.", "model.layers.{}.mlp."
     expected = []
     for i in range(2):
@@ -100,13 +98,13 @@ def test_shared_input_groups_find_what_engines_fuse():
     assert groups == expected
     neox = tiny_neox()
     layers = quantizable_layers(neox, [])
-    assert shared_input_groups(neox, layers) == [[n] for n in layers]  # already fused, nothing shared
+    assert shared_input_groups(ResidentBlocks(neox), layers, CPU) == [[n] for n in layers]  # already fused, nothing shared
 
 
 def test_weight_error_scores():
     model = tiny_llama()
     layers = quantizable_layers(model, [])
-    scores = weight_error_scores(layers, OPTIONS, torch.float16)
+    scores = weight_error_scores(ResidentBlocks(model), layers, OPTIONS, torch.float16, CPU)
     for name, layer in layers.items():
         w = layer.weight.detach()
         for o, spec in enumerate(OPTIONS):
@@ -156,9 +154,8 @@ def input_square_sums(model, ids):
 
 
 @pytest.mark.parametrize("arch", [tiny_llama, tiny_neox])
-@pytest.mark.parametrize("by_blocks", [False, True])
 @pytest.mark.parametrize("scale_search", [False, True])
-def test_second_order_delta_loss_equals_the_autograd_taylor_estimate(arch, by_blocks, scale_search, ids, monkeypatch):
+def test_second_order_delta_loss_equals_the_autograd_taylor_estimate(arch, scale_search, ids, monkeypatch):
     model = arch()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     layers = quantizable_layers(model, [])
@@ -170,8 +167,8 @@ def test_second_order_delta_loss_equals_the_autograd_taylor_estimate(arch, by_bl
         return search_factors(w, spec, importance, scale_dtype)
 
     monkeypatch.setattr(sensitivity, "search_factors", recording_search)
-    scores = taylor_scores(model, layers, OPTIONS, ids, batch_size=4, scale_dtype=torch.float16, device=CPU,
-                           by_blocks=by_blocks, scale_search=scale_search)
+    scores = taylor_scores(ResidentBlocks(model), layers, OPTIONS, ids, batch_size=4, scale_dtype=torch.float16,
+                           device=CPU, scale_search=scale_search)
     # the same model, untouched, as the reference's starting point
     assert all(layers[n].weight is weights[n] for n in layers)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -193,8 +190,7 @@ def test_second_order_delta_loss_equals_the_autograd_taylor_estimate(arch, by_bl
     assert sum(s[0] for s in scores.values()) > sum(s[1] for s in scores.values())
 
 
-@pytest.mark.parametrize("by_blocks", [False, True])
-def test_second_order_delta_loss_builds_no_weight_gradient(by_blocks, ids):
+def test_second_order_delta_loss_builds_no_weight_gradient(ids):
     """The Taylor hooks need activation gradients only: in the pass that builds a graph, every
     scored layer's output needs a gradient while no weight does (a weight gradient would be
     computed and held only to be dropped), and every layer is scored."""
@@ -212,8 +208,8 @@ def test_second_order_delta_loss_builds_no_weight_gradient(by_blocks, ids):
 
     handles = [layer.register_forward_hook(watch(n)) for n, layer in layers.items()]
     try:
-        scores = taylor_scores(model, layers, OPTIONS, ids, batch_size=4, scale_dtype=torch.float16, device=CPU,
-                               by_blocks=by_blocks)
+        scores = taylor_scores(ResidentBlocks(model), layers, OPTIONS, ids, batch_size=4, scale_dtype=torch.float16,
+                               device=CPU)
     finally:
         for h in handles:
             h.remove()
@@ -228,8 +224,8 @@ def test_second_order_first_term_is_the_signed_weight_gradient_product(ids):
     model = tiny_llama()
     layers = quantizable_layers(model, [])
     spec = QuantSpec(8, 16, True)
-    scores = taylor_scores(model, layers, [spec], ids, batch_size=6, scale_dtype=torch.float32, device=CPU,
-                           scale_search=False)
+    scores = taylor_scores(ResidentBlocks(model), layers, [spec], ids, batch_size=6, scale_dtype=torch.float32,
+                           device=CPU, scale_search=False)
     params = dict(model.named_parameters())
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     grads = torch.autograd.grad(loss, [params[f"{n}.weight"] for n in layers])

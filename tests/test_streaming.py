@@ -35,14 +35,25 @@ def config(iters, corpus, tokenizer, **kw):
                              dataset=corpus, tokenizer=tokenizer, **kw)
 
 
-@pytest.mark.parametrize("iters", [0, 3])
-def test_streaming_writes_what_from_pretrained_writes(model_dir, tmp_path, corpus, tokenizer, iters):
-    resident = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config(iters, corpus, tokenizer))
+MIXED = {"avg_bits": 3.0, "bit_options": [(2, 32), (4, 32)]}
+
+
+@pytest.mark.parametrize("iters,mixed", [(0, False), (3, False), (0, True), (2, True)], ids=["rtn", "tuned",
+                                                                                           "rtn-mixed", "tuned-mixed"])
+def test_streaming_writes_what_from_pretrained_writes(model_dir, tmp_path, corpus, tokenizer, iters, mixed):
+    kw = MIXED if mixed else {}
+    resident = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config(iters, corpus, tokenizer,
+                                                                                          **kw))
     resident.save_pretrained(tmp_path / "resident")
-    reports = quantize_checkpoint(model_dir, tmp_path / "streamed", config(iters, corpus, tokenizer),
-                                  max_shard_size="40KB")
+    result = quantize_checkpoint(model_dir, tmp_path / "streamed", config(iters, corpus, tokenizer, **kw),
+                                 max_shard_size="40KB")
+    reports = result.reports
     assert len(reports) == 2 and all(r.specs for r in reports.values())
     assert iters == 0 or all(r.loss_after is not None for r in reports.values())
+    assert result.plan == resident.hf_quantizer.result.plan
+    if mixed:  # the allocation scored the same blocks the same way: same scores, same choices
+        assert result.allocation.scores == resident.hf_quantizer.result.allocation.scores
+        assert len({s.bits for s in result.plan.values()}) == 2 and result.realized_avg_bits <= 3.0
 
     streamed, expected = tensors(tmp_path / "streamed"), tensors(tmp_path / "resident")
     assert streamed.keys() == expected.keys()
@@ -72,8 +83,6 @@ def test_tied_embeddings_are_written_once(tmp_path):
 
 
 def test_streaming_errors(llama_dir, tmp_path, corpus, tokenizer):
-    with pytest.raises(ValueError, match="avg_bits needs the whole-model sensitivity pass"):
-        quantize_checkpoint(llama_dir, tmp_path / "o", SignRoundV2Config(iters=0, avg_bits=3.0))
     with pytest.raises(ValueError, match="iters=2 tunes on calibration data: pass dataset="):
         quantize_checkpoint(llama_dir, tmp_path / "o", SignRoundV2Config(iters=2))
     (tmp_path / "bin").mkdir()

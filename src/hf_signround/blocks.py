@@ -1,16 +1,29 @@
-"""Find a model's repeated decoder blocks and the layers in them that get quantized.
+"""Find a model's repeated decoder blocks and the layers in them that get quantized, and hand
+the blocks out one at a time.
 
-This and ``hf_quantizer.py`` are the only modules that know how transformers models are
-shaped; everything here works on plain ``nn.Module`` trees, so any causal LM built from
-a list of identical blocks (Llama, Qwen2, GPT-NeoX, Phi, Mistral, ...) is handled
-without naming its classes.
+This, ``hf_quantizer.py`` and ``checkpoint.py`` are the only modules that know how transformers
+models are shaped; everything here works on plain ``nn.Module`` trees, so any causal LM built
+from a list of identical blocks (Llama, Qwen2, GPT-NeoX, Phi, Mistral, ...) is handled without
+naming its classes.
+
+Block sources: the pipeline (``quantize.quantize_source``) and the DeltaLoss scoring
+(``sensitivity``) walk blocks through a source: :class:`ResidentBlocks` serves the blocks of a
+loaded model (brought onto the compute device one at a time, also when accelerate offloaded
+them); ``streaming.StreamedBlocks`` reads each block from a safetensors checkpoint and writes
+the quantized block out. A source has ``prefix`` and ``model`` (whose blocks may be on the meta
+device), ``len()``, and:
+
+* ``capture(input_ids, device)`` -> the first block's inputs and a :class:`~tuning.BlockCall`;
+* ``open(index, device)`` -> a context holding block ``index`` on ``device``;
+* ``store(index, block)`` -> called once block ``index`` holds its quantized layers;
+* ``whole()`` -> a context in which the layers outside the blocks (embeddings, head) can run.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -154,6 +167,49 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
     finally:
         handle.remove()
     return torch.cat(hidden), extra["args"], extra["kwargs"]
+
+
+class ResidentBlocks:
+    """The decoder blocks of a loaded model (see the module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.prefix, self.blocks = find_blocks(model)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def capture(self, input_ids: torch.Tensor, device: torch.device):
+        return capture(self.model, self.blocks, input_ids, device)
+
+    def open(self, index: int, device: torch.device):
+        return block_on(self.blocks[index], device)
+
+    def store(self, index: int, block: nn.Module) -> None:
+        """Nothing to do: the quantized layers are already in the model."""
+
+    def whole(self):
+        return nullcontext()
+
+
+@contextmanager
+def frozen(model: nn.Module):
+    """Inside, no parameter of ``model`` needs a gradient; each one's flag is restored after."""
+    flags = {p: p.requires_grad for p in model.parameters()}
+    model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def capture(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, device: torch.device):
+    """:func:`capture_block_inputs` on ``device``: the first block's inputs and how the model calls its blocks."""
+    from .tuning import BlockCall
+
+    hidden, args, kwargs = capture_block_inputs(model, blocks, input_ids)
+    return hidden.to(device), BlockCall(*to_device((args, kwargs), device))
 
 
 def _home_device(block: nn.Module) -> torch.device:

@@ -371,3 +371,21 @@ def build_calibration(dataset: Any, tokenizer: Any, nsamples: int, seqlen: int, 
     n_windows = len(windows)
     logger.info("calibration: %d texts -> %d tokens -> %d windows of %d tokens", len(texts), stream.numel(), n_windows, seqlen)
     return windows[_seeded_pick(n_windows, nsamples, seed)].clone()
+
+
+def calibration_windows(config) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The windows a quantization with ``config`` reads: ``(calibration, scoring)``.
+
+    Tuning reads ``nsamples`` windows of ``seqlen`` tokens; DeltaLoss scoring (``avg_bits``)
+    ``sensitivity_nsamples`` of ``sensitivity_seqlen``, drawn with the same seed. Each is None
+    when not needed.
+    """
+    if config.needs_calibration and config.dataset is None:
+        raise ValueError(config.calibration_error())
+    calibration = scoring = None
+    if config.tunes:
+        calibration = build_calibration(config.dataset, config.tokenizer, config.nsamples, config.seqlen, config.seed)
+    if config.scores_on_data:
+        scoring = build_calibration(config.dataset, config.tokenizer, config.sensitivity_nsamples,
+                                    config.sensitivity_seqlen, config.seed)
+    return calibration, scoring

@@ -1,4 +1,8 @@
-"""Check a checkpoint's safetensors against the model they are about to load into, from the headers alone.
+"""Checkpoint tensor names and checks: the one module that uses transformers' private loading API
+(its renaming rules, ``conversion_mapping`` and ``core_model_loading``; re-check them when
+transformers changes).
+
+Check a checkpoint's safetensors against the model they are about to load into, from the headers alone.
 
 transformers fills a tensor the checkpoint lacks with fresh initialisation, casts a tensor
 stored in another dtype and skips one the model does not expect, then only reports it.
@@ -32,7 +36,7 @@ from torch import nn
 
 from .shards import TORCH_DTYPES, CheckpointError, Header, TensorInfo, read_header
 
-__all__ = ["LAYOUT_KEY", "check_checkpoint", "checkpoint_renamer", "layout_fingerprint"]
+__all__ = ["LAYOUT_KEY", "check_checkpoint", "checkpoint_renamer", "layout_fingerprint", "stored_names"]
 
 LAYOUT_KEY = "hf_signround_layout"  # in every safetensors file's __metadata__
 PACKED = ("qweight", "qzeros", "scales")
@@ -56,6 +60,13 @@ def checkpoint_renamer(model: nn.Module) -> Callable[[str], tuple[str, bool]]:
         return name, converted is not None
 
     return rename
+
+
+def stored_names(model: nn.Module, tensors: dict) -> dict:
+    """``tensors`` under the checkpoint's names, the model's turned back as ``save_pretrained`` does."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, tensors)
 
 
 def layout_fingerprint(layers: Mapping[str, Mapping], scale_dtype: str, format_version: int) -> str:

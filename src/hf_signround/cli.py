@@ -191,12 +191,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if config.needs_calibration:
             config = SignRoundV2Config(**knobs, dataset=texts, tokenizer=tokenizer)
         with staged_output(out) as stage:  # everything lands in OUT at once, or not at all
-            saved = _quantize_into(stage, source, config, args)
+            result = _quantize_into(stage, source, config, args)
             if tokenizer is not None:
                 tokenizer.save_pretrained(stage)
-            allocation = getattr(saved, "allocation", None)
-            if allocation is not None:
-                allocation.to_json(stage / "allocation.json")
+            if result.allocation is not None:
+                result.allocation.to_json(stage / "allocation.json")
     summary = inspect_checkpoint(out)
     print(f"quantized {summary['layers']} layers ({_schemes_line(summary)}), realised "
           f"{summary['avg_bits']:.3f} bits/weight; wrote {args.format} checkpoint {out} "
@@ -211,7 +210,7 @@ def _local(model: str) -> tuple[Path, ...]:
 
 
 def _quantize_into(folder: Path, source: str, config, args: argparse.Namespace):
-    """Quantize ``source`` into the (empty) ``folder``; returns the config quantization filled in."""
+    """Quantize ``source`` into the (empty) ``folder``; returns the ``QuantizationResult``."""
     from .export import export_gptq
 
     shards = {"max_shard_size": args.max_shard_size} if args.max_shard_size else {}
@@ -227,7 +226,7 @@ def _quantize_into(folder: Path, source: str, config, args: argparse.Namespace):
         export_gptq(model, folder, **shards)
     else:
         model.save_pretrained(folder, **shards)
-    return model.config.quantization_config
+    return model.hf_quantizer.result
 
 
 def _quantize_streaming(source: str, out: Path, config, args: argparse.Namespace, shards: dict):
@@ -236,12 +235,11 @@ def _quantize_streaming(source: str, out: Path, config, args: argparse.Namespace
     from .streaming import quantize_checkpoint
 
     if args.format != "gptq":
-        quantize_checkpoint(source, out, config, dtype=args.dtype, **shards)
-        return config
+        return quantize_checkpoint(source, out, config, dtype=args.dtype, **shards)
     with tempfile.TemporaryDirectory(prefix="hf-signround-packed-") as tmp:
-        quantize_checkpoint(source, tmp, config, dtype=args.dtype, **shards)
+        result = quantize_checkpoint(source, tmp, config, dtype=args.dtype, **shards)
         export_gptq(_load_model(tmp), out, **shards)  # the packed model only: a fraction of the float one
-    return config
+    return result
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -491,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--low-memory", action="store_true",
                    help="read and quantize one block at a time and write packed blocks as they finish: peak memory "
                         "is about one block plus calibration activations instead of the whole model (see "
-                        "docs/BIG_MODELS.md); not with --avg-bits")
+                        "docs/BIG_MODELS.md)")
     q.add_argument("--max-shard-size", default=None,
                    help="largest output safetensors file, e.g. 500MB or 5GB (None: transformers' default; 500MB "
                         "with --low-memory)")

@@ -14,19 +14,19 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .calibration import check_dataset_spec
+from .packing import check_bits
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "signround_v2"
 FORMAT_VERSION = 1
-SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 TOPK_MODES = ("drop", "huber")
 SENSITIVITY_METHODS = ("deltaloss", "deltaloss_anchored", "deltaloss_fisher", "weight_error")
 DEFAULT_BIT_OPTIONS = ((2, 64), (3, 128), (4, 128), (8, 128))
 _LAYER_KEYS = ("bits", "group_size", "sym")
 # Keys written by `to_dict` that are bookkeeping rather than constructor knobs.
-_RUNTIME_ONLY = ("dataset", "tokenizer", "allocation")
+_RUNTIME_ONLY = ("dataset", "tokenizer")
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:
@@ -34,12 +34,6 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name}={value} is out of range: it must be >= {minimum}")
-
-
-def check_bits(value: Any, where: str = "bits") -> None:
-    if isinstance(value, bool) or value not in SUPPORTED_BITS:
-        allowed = ", ".join(map(str, SUPPORTED_BITS))
-        raise ValueError(f"{where}={value!r} is not supported: choose one of {allowed}")
 
 
 def check_group_size(value: Any, where: str = "group_size") -> None:
@@ -76,36 +70,53 @@ def _as_layer_config(layer_config: Any) -> dict[str, dict[str, Any]]:
 class SignRoundV2Config(QuantizationConfigMixin):
     """Configuration of SignRoundV2 weight-only quantization (spec: ``shared/SIGNROUNDV2.md``).
 
-    Args:
+    Plain input: quantizing reads it and never changes it (``quantize_model`` returns a
+    ``QuantizationResult``; the transformers adapter records in its copy the keys a saved
+    checkpoint needs: ``layer_config`` and ``realized_avg_bits``). All arguments are keywords.
+
+    The scheme:
         bits: weight bit-width of every quantized layer, one of 2, 3, 4, 8.
         group_size: consecutive input elements sharing one scale/zero point; -1 means one
             group per output channel. When it does not divide a layer's ``in_features`` the
             last group of each row is shorter (column k is in group k // group_size).
         sym: symmetric ("full range", implicit zero point) instead of asymmetric quantization.
-        iters: sign-gradient tuning steps per block; 0 means plain round-to-nearest.
-        lr: tuning learning rate; ``None`` means ``1/iters`` (spec §3c).
-        batch_size: calibration windows per tuning step.
-        nsamples: calibration windows of ``seqlen`` tokens drawn from ``dataset``.
-        seqlen: tokens per calibration window.
-        dataset: calibration text: a list of strings, a path to a text file or a folder of
-            text files, a ``datasets.Dataset`` with a text column, a hub dataset name
-            (``"name"`` or ``"name:config"``), or a LongTensor of token ids. Never serialised.
-        tokenizer: tokenizes ``dataset`` when it is text. Never serialised.
-        seed: seeds the calibration window choice and the tuning.
-        modules_to_not_convert: module names (or dotted suffixes such as ``"mlp.down_proj"``)
-            kept in full precision, in addition to the default lm_head and embeddings.
         layer_config: per-layer overrides, ``{"model.layers.0.mlp.down_proj": {"bits": 8,
             "group_size": 128, "sym": True}}``; missing keys fall back to the global values.
-            After quantization it lists every quantized layer, so a checkpoint is
-            self-describing.
-        device: where blocks are quantized one at a time ("cuda", "cuda:1", "cpu"); None
-            means CUDA when available, else CPU. Only the block being quantized (and the
-            calibration activations) is on it; offloaded blocks are brought in one by one.
-        amp: run the tuning steps under bfloat16 autocast where the device does bfloat16
-            matrix products fast: CUDA with bf16, and CPUs with AVX512-BF16 or AMX on which a
-            bfloat16 product measures at least 1.25x faster than float32 (timed once per
-            process and logged); the float reference outputs, the losses and the quantized
-            chain stay in the model's dtype. False always tunes in the model's dtype.
+            A saved checkpoint's lists every quantized layer, so it is self-describing.
+        modules_to_not_convert: module names (or dotted suffixes such as ``"mlp.down_proj"``)
+            kept in full precision, in addition to the default lm_head and embeddings.
+        skip_nonfinite: a layer whose weight holds NaN or inf cannot be quantized, so by default
+            quantization stops before anything changes, naming those layers and their counts;
+            True keeps such layers in full precision instead (logged as a warning) and quantizes
+            the rest.
+
+    Mixed precision (spec §1-2):
+        avg_bits: target average bits per quantized weight, counting the per-group scales and
+            zero points. When set, every layer not pinned by ``layer_config`` gets one of
+            ``bit_options`` by dynamic programming on its sensitivity; the realised average is
+            never above the target. None keeps one ``bits``/``group_size`` for all layers.
+        bit_options: candidate ``(bits, group_size)`` pairs for ``avg_bits``; ``sym`` comes from
+            the config. None means ``[(2, 64), (3, 128), (4, 128), (8, 128)]``.
+        sensitivity_method: how layers are scored for ``avg_bits``: ``"deltaloss_fisher"``
+            (default; the lowest tuned perplexity of the allocators at 2.5 and 3.0 bits with
+            W2G64/W4G128 on SmolLM2-135M: one forward+backward of the float model in all,
+            signed first-order term plus an empirical-Fisher second-order term, ``W − Q(W)``
+            from the scale search tuning starts from; ``sensitivity.taylor_scores``),
+            ``"deltaloss"`` (spec §1: one forward+backward per option, the gradient taken with
+            every layer at that option), ``"deltaloss_anchored"`` (one forward+backward in all,
+            the gradient taken with every layer at the dearest option), or ``"weight_error"``
+            (``‖W - Q(W)‖²``, no data; a baseline).
+        sensitivity_nsamples: calibration windows the DeltaLoss scoring runs on.
+        sensitivity_seqlen: tokens per scoring window.
+        tie_fused: give layers that read the same input (q/k/v of one attention, gate/up of one
+            MLP, which serving engines fuse into one matrix) one option, priced and scored together.
+
+    Tuning (spec §3):
+        iters: sign-gradient tuning steps per block; 0 means plain round-to-nearest.
+        lr: tuning learning rate; ``None`` means ``1/iters``, the spec's default (its
+            ``2/iters`` for ``iters >= 1000`` at 3 bits or fewer is not applied).
+        batch_size: calibration windows per tuning step.
+        seed: seeds the calibration window choice and the tuning.
         scale_search: run the activation-weighted pre-tuning scale search (spec §3b) to
             initialise each group's range; False starts tuning from min-max (ablation).
         topk_exclusion: leave the largest ``topk_ratio`` of element-wise errors out of the
@@ -114,116 +125,90 @@ class SignRoundV2Config(QuantizationConfigMixin):
         topk_mode: how the excluded errors count: ``"huber"`` (default) counts them linearly past
             the largest kept error, so their pull on the gradient is capped but not zero and
             tuning cannot move error onto them; ``"drop"`` leaves them out of the loss (spec
-            §3c'). On SmolLM2-135M at W2G64, "huber" gave 4 % lower perplexity than "drop"
-            (docs/BENCHMARKS.md).
-        scale_dtype: storage dtype of the per-group scales.
-        format_version: packed checkpoint layout version (see ``packing.py``).
+            §3c'). On SmolLM2-135M at W2G64 sym, "drop" gave 9 % higher perplexity than
+            "huber" (34.94 against 32.12; docs/BENCHMARKS.md).
+        amp: run the tuning steps under bfloat16 autocast where the device does bfloat16
+            matrix products fast: CUDA with bf16, and CPUs with AVX512-BF16 or AMX on which a
+            bfloat16 product measures at least 1.25x faster than float32 (timed once per
+            process and logged); the float reference outputs, the losses and the quantized
+            chain stay in the model's dtype. False always tunes in the model's dtype.
+
+    Calibration data (never saved):
+        dataset: calibration text: a list of strings, a path to a text file or a folder of
+            text files, a ``datasets.Dataset`` with a text column, a hub dataset name
+            (``"name"`` or ``"name:config"``), or a LongTensor of token ids.
+        tokenizer: tokenizes ``dataset`` when it is text.
+        nsamples: calibration windows of ``seqlen`` tokens drawn from ``dataset``.
+        seqlen: tokens per calibration window.
+
+    Where it runs, and storage:
+        device: where blocks are quantized one at a time ("cuda", "cuda:1", "cpu"); None
+            means CUDA when available, else CPU. Only the block being quantized (and the
+            calibration activations) is on it; offloaded blocks are brought in one by one.
         backend: kernels for the quantized layers' forward: ``"auto"`` (the fastest that can run:
             Triton on CUDA, auto-round-lib's or torch's int4 kernel on CPU, else the pure-torch
             reference), or one of ``"triton"``, ``"ark"``, ``"aten_int4"``, ``"torch"`` (raise where
             it cannot run); ``HF_SIGNROUND_BACKEND`` overrides it (see kernels/backend.py).
-        avg_bits: target average bits per quantized weight, counting the per-group scales and
-            zero points (spec §2). When set, every layer not pinned by ``layer_config`` gets one
-            of ``bit_options`` by dynamic programming on its sensitivity; the realised average
-            is never above the target. None keeps one ``bits``/``group_size`` for all layers.
-        bit_options: candidate ``(bits, group_size)`` pairs for ``avg_bits``; ``sym`` comes from
-            the config. None means ``[(2, 64), (3, 128), (4, 128), (8, 128)]``.
-        sensitivity_method: how layers are scored for ``avg_bits``: ``"deltaloss_fisher"``
-            (default; the lowest tuned perplexity of the allocators at 2.5 and 3.0 bits with W2G64/W4G128
-            on SmolLM2-135M, benchmarks/results/quality.json), ``"deltaloss"`` (spec §1, one
-            forward+backward per option on calibration windows, the gradient taken with every
-            layer at that option), ``"deltaloss_anchored"`` (one forward+backward in all, the
-            gradient taken with every layer at the dearest option and shared by every
-            option's ``Σ|g ⊙ (W − Q(W))|``), ``"deltaloss_fisher"`` (one forward+backward of
-            the float model in all plus one forward without gradients: signed first-order term
-            plus an empirical-Fisher second-order term, ``W − Q(W)`` from the scale search tuning
-            starts from; see ``sensitivity.taylor_scores``), or ``"weight_error"``
-            (``‖W - Q(W)‖²``, no data; a baseline).
-        sensitivity_nsamples: calibration windows the DeltaLoss scoring runs on.
-        sensitivity_seqlen: tokens per scoring window.
-        tie_fused: give layers that read the same input (q/k/v of one attention, gate/up of one
-            MLP, which serving engines fuse into one matrix) one option, priced and scored together.
-        realized_avg_bits: written by quantization when ``avg_bits`` is set: the average the
-            checkpoint really has.
-        skip_nonfinite: a layer whose weight holds NaN or inf cannot be quantized, so by default
-            quantization stops before anything changes, naming those layers and their counts;
-            True keeps such layers in full precision instead (logged as a warning) and quantizes
-            the rest.
+        scale_dtype: storage dtype of the per-group scales.
 
-    After a quantization with ``avg_bits``, ``config.allocation`` holds the report
-    (:class:`hf_signround.allocation.Allocation`: per-layer scores and chosen bits, with
-    ``table()``, ``to_json()`` and ``plot()``); it is not serialised.
+    Checkpoint metadata, read by :meth:`from_dict` and never passed by users: ``format_version``
+    (the packed layout, ``packing.py``) and ``realized_avg_bits`` (the average bits the
+    checkpoint's packed layers take).
     """
 
     def __init__(
         self,
+        *,
         bits: int = 4,
         group_size: int = 128,
         sym: bool = False,
-        iters: int = 200,
-        lr: float | None = None,
-        batch_size: int = 8,
-        nsamples: int = 128,
-        seqlen: int = 2048,
-        dataset: Any = None,
-        tokenizer: Any = None,
-        seed: int = 42,
-        modules_to_not_convert: list[str] | None = None,
         layer_config: dict[str, dict[str, Any]] | None = None,
-        device: str | None = None,
-        amp: bool = True,
-        scale_search: bool = True,
-        topk_exclusion: bool | None = None,
-        topk_ratio: float = 0.001,
-        topk_mode: str = "huber",
-        scale_dtype: str = "float16",
-        format_version: int = FORMAT_VERSION,
-        backend: str = "auto",
+        modules_to_not_convert: list[str] | None = None,
+        skip_nonfinite: bool = False,
         avg_bits: float | None = None,
         bit_options: list[tuple[int, int]] | None = None,
         sensitivity_method: str = "deltaloss_fisher",
         sensitivity_nsamples: int = 16,
         sensitivity_seqlen: int = 256,
         tie_fused: bool = True,
-        realized_avg_bits: float | None = None,
-        skip_nonfinite: bool = False,
+        iters: int = 200,
+        lr: float | None = None,
+        batch_size: int = 8,
+        seed: int = 42,
+        scale_search: bool = True,
+        topk_exclusion: bool | None = None,
+        topk_ratio: float = 0.001,
+        topk_mode: str = "huber",
+        amp: bool = True,
+        dataset: Any = None,
+        tokenizer: Any = None,
+        nsamples: int = 128,
+        seqlen: int = 2048,
+        device: str | None = None,
+        backend: str = "auto",
+        scale_dtype: str = "float16",
         **kwargs: Any,
     ) -> None:
         quant_method = kwargs.pop("quant_method", QUANT_METHOD)
         if quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method={quant_method!r} does not belong to SignRoundV2Config ({QUANT_METHOD!r})")
         self.quant_method = QUANT_METHOD
-        self.bits = bits
-        self.group_size = group_size
-        self.sym = sym
-        self.iters = iters
-        self.lr = lr
-        self.batch_size = batch_size
-        self.nsamples = nsamples
-        self.seqlen = seqlen
-        self.dataset = dataset
-        self.tokenizer = tokenizer
-        self.seed = seed
-        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
+        self.bits, self.group_size, self.sym = bits, group_size, sym
         self.layer_config = _as_layer_config(layer_config)
-        self.device = device
-        self.amp = amp
-        self.scale_search = scale_search
-        self.topk_exclusion = topk_exclusion
-        self.topk_ratio = topk_ratio
-        self.topk_mode = topk_mode
-        self.scale_dtype = scale_dtype
-        self.format_version = format_version
-        self.backend = backend
-        self.avg_bits = avg_bits
-        self.bit_options = _as_pairs(bit_options)
-        self.sensitivity_method = sensitivity_method
-        self.sensitivity_nsamples = sensitivity_nsamples
-        self.sensitivity_seqlen = sensitivity_seqlen
-        self.tie_fused = tie_fused
-        self.realized_avg_bits = realized_avg_bits
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.skip_nonfinite = skip_nonfinite
-        self.allocation = None  # the per-layer report of the bit allocation (runtime only, never saved)
+        self.avg_bits, self.bit_options = avg_bits, _as_pairs(bit_options)
+        self.sensitivity_method = sensitivity_method
+        self.sensitivity_nsamples, self.sensitivity_seqlen = sensitivity_nsamples, sensitivity_seqlen
+        self.tie_fused = tie_fused
+        self.iters, self.lr, self.batch_size, self.seed = iters, lr, batch_size, seed
+        self.scale_search = scale_search
+        self.topk_exclusion, self.topk_ratio, self.topk_mode = topk_exclusion, topk_ratio, topk_mode
+        self.amp = amp
+        self.dataset, self.tokenizer, self.nsamples, self.seqlen = dataset, tokenizer, nsamples, seqlen
+        self.device, self.backend, self.scale_dtype = device, backend, scale_dtype
+        self.format_version = FORMAT_VERSION  # checkpoint metadata (see from_dict)
+        self.realized_avg_bits: float | None = None
         if kwargs:
             logger.warning("SignRoundV2Config ignores unknown keys: %s", ", ".join(sorted(kwargs)))
         self.post_init()
@@ -265,11 +250,6 @@ class SignRoundV2Config(QuantizationConfigMixin):
         from .kernels.backend import check_backend
 
         check_backend(self.backend)
-        if self.format_version != FORMAT_VERSION:
-            raise ValueError(
-                f"format_version={self.format_version!r}: this hf_signround reads format {FORMAT_VERSION} only; "
-                "upgrade hf_signround to load this checkpoint"
-            )
         if self.modules_to_not_convert is not None and not all(isinstance(m, str) for m in self.modules_to_not_convert):
             raise TypeError(f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}")
         for name, spec in self.layer_config.items():
@@ -312,12 +292,38 @@ class SignRoundV2Config(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
-        """The config saved in a checkpoint's config.json (transformers calls this when loading one)."""
+        """The config saved in a checkpoint's config.json (transformers calls this when loading one),
+        with its metadata (``format_version``, ``realized_avg_bits``)."""
+        settings = dict(config_dict)
+        version = settings.pop("format_version", FORMAT_VERSION)
+        realized = settings.pop("realized_avg_bits", None)
         try:
-            return super().from_dict(config_dict, return_unused_kwargs, **kwargs)
+            if version != FORMAT_VERSION:
+                raise ValueError(f"format_version={version!r}: this hf_signround reads format {FORMAT_VERSION} only; "
+                                 "upgrade hf_signround to load this checkpoint")
+            if realized is not None and (isinstance(realized, bool) or not isinstance(realized, (int, float))):
+                raise ValueError(f"realized_avg_bits={realized!r} is not a number")
+            out = super().from_dict(settings, return_unused_kwargs, **kwargs)
         except (TypeError, ValueError) as err:
             raise type(err)(f"invalid quantization_config in the checkpoint's config.json: {err}. Restore the "
                             "config.json saved with the checkpoint, or re-download it") from err
+        (out[0] if return_unused_kwargs else out).realized_avg_bits = realized
+        return out
+
+    def record(self, result) -> None:
+        """Write what a quantization produced into the keys a saved checkpoint needs: every
+        quantized layer's spec (``layer_config``) and the realised average bits."""
+        self.layer_config = result.layer_config
+        self.realized_avg_bits = result.realized_avg_bits
+
+    def calibration_error(self) -> str:
+        """The message for a quantization that needs calibration data and has none."""
+        why = (f"iters={self.iters} tunes on calibration data" if self.tunes
+               else f"avg_bits={self.avg_bits} scores layers by DeltaLoss on calibration data")
+        fix = ("or iters=0 for round-to-nearest" if self.tunes
+               else "or sensitivity_method='weight_error' for a data-free allocation")
+        return (f"{why}: pass dataset= (a list of texts, a text file or folder, a datasets.Dataset or a hub dataset "
+                f"name) and tokenizer= to SignRoundV2Config, {fix}")
 
     @property
     def tunes(self) -> bool:

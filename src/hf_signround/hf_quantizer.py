@@ -20,7 +20,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 
 from .blocks import find_blocks
-from .calibration import build_calibration, is_token_ids
+from .calibration import calibration_windows, is_token_ids
 from .checkpoint import LAYOUT_KEY, check_checkpoint, config_fingerprint
 from .config import QUANT_METHOD, SignRoundV2Config
 from .qlinear import prepare_model
@@ -36,6 +36,7 @@ class SignRoundV2HfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: SignRoundV2Config, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
+        self.result = None  # quantize_model's QuantizationResult, once this quantizer has quantized a model
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         # Fail before the weights load, so a missing input costs no waiting.
@@ -49,14 +50,7 @@ class SignRoundV2HfQuantizer(HfQuantizer):
             return
         if config.needs_calibration:
             if config.dataset is None:
-                why = (f"iters={config.iters} tunes on calibration data" if config.tunes
-                       else f"avg_bits={config.avg_bits} scores layers by DeltaLoss on calibration data")
-                fix = ("or iters=0 for round-to-nearest" if config.tunes
-                       else "or sensitivity_method='weight_error' for a data-free allocation")
-                raise ValueError(
-                    f"{why}: pass dataset= (a list of texts, a text file or folder, a datasets.Dataset or a hub "
-                    f"dataset name) and tokenizer= to SignRoundV2Config, {fix}"
-                )
+                raise ValueError(config.calibration_error())
             if config.tokenizer is None and not is_token_ids(config.dataset):
                 raise ValueError(
                     "a tokenizer is needed to tokenize the calibration texts: pass "
@@ -80,13 +74,9 @@ class SignRoundV2HfQuantizer(HfQuantizer):
         skip = self.get_modules_to_not_convert(
             model, config.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
         )
-        calibration = scoring = None
-        if config.tunes:
-            calibration = build_calibration(config.dataset, config.tokenizer, config.nsamples, config.seqlen, config.seed)
-        if config.scores_on_data:
-            scoring = build_calibration(config.dataset, config.tokenizer, config.sensitivity_nsamples,
-                                        config.sensitivity_seqlen, config.seed)
-        quantize_model(model, config, calibration, skip=skip, scoring=scoring)
+        calibration, scoring = calibration_windows(config)
+        self.result = quantize_model(model, config, calibration, skip=skip, scoring=scoring)
+        config.record(self.result)  # the keys save_pretrained writes into config.json
         return model
 
     def get_state_dict_and_metadata(self, model) -> tuple[None, dict[str, str]]:

@@ -86,10 +86,10 @@ SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
 _BLOCK = 32
 
 
-def check_bits(bits: int) -> int:
-    """Return ``bits`` if it is a supported bit width, else raise ``ValueError``."""
+def check_bits(bits: int, where: str = "bits") -> int:
+    """Return ``bits`` if it is a supported bit width, else raise ``ValueError`` naming ``where``."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits!r} is not supported; expected one of {list(SUPPORTED_BITS)}")
+        raise ValueError(f"{where}={bits!r} is not supported: choose one of {', '.join(map(str, SUPPORTED_BITS))}")
     return bits
 
 

@@ -1,38 +1,69 @@
-"""``quantize_model``: the SignRoundV2 pipeline as one readable function.
+"""``quantize_model``: the SignRoundV2 pipeline (spec: ``shared/SIGNROUNDV2.md``, "Pipeline").
 
-Spec: ``shared/SIGNROUNDV2.md``, "Pipeline". Every layer is planned and validated before
-the model is touched, so a bad setting never leaves a half-quantized model behind.
+One walk over the decoder blocks serves every way of holding a model (``blocks`` explains
+block sources): a loaded model (``quantize_model``) or a checkpoint read and written block by
+block (``streaming.quantize_checkpoint``). Computing stays apart from changing the model:
+:func:`quantize_block` returns a block's packed layers, its report and its outputs, and the
+walk swaps the layers in and hands the block back to its source.
+
+Every layer is planned and validated before the model is touched, so a bad setting never
+leaves a half-quantized model behind.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import (
-    block_on,
-    capture_block_inputs,
-    find_blocks,
-    nonfinite_counts,
-    quantizable_layers,
-    set_module,
-    to_device,
-    warn_other_block_lists,
-)
+from .allocation import Allocation, allocate, check_budget, layer_bits, unit_costs
+from .blocks import ResidentBlocks, frozen, nonfinite_counts, quantizable_layers, set_module, warn_other_block_lists
 from .config import SignRoundV2Config
 from .qfunc import QuantSpec, quantize_rtn
 from .qlinear import QuantLinear, set_backend
-from .allocation import allocate, check_budget, unit_costs
 from .scale_search import search_factors
 from .sensitivity import delta_loss_scores, shared_input_groups, taylor_scores, weight_error_scores
 from .tuning import BlockCall, TunableLinear, TuneSettings, fast_bf16, mse_and_outputs, tune_block
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockReport:
+    """One block: its layers' specs and, when tuned, the reconstruction losses."""
+
+    specs: dict[str, QuantSpec]
+    loss_before: float | None = None  # tuning loss of the first step (the searched or min-max start)
+    loss_after: float | None = None  # tuning loss of the kept (lowest) step
+    mse_after: float | None = None  # plain MSE of the frozen block over all calibration windows
+
+
+@dataclass
+class QuantizationResult:
+    """What a quantization produced: the plan, the allocation (``avg_bits``), the block reports."""
+
+    plan: dict[str, QuantSpec]  # every quantized layer (full name) and its spec
+    realized_avg_bits: float  # storage bits per quantized weight, scales and zero points counted
+    reports: dict[str, BlockReport] = field(default_factory=dict)  # block name -> report
+    allocation: Allocation | None = None  # the per-layer scores and choices, with avg_bits
+
+    @property
+    def layer_config(self) -> dict[str, dict]:
+        """``layer_config`` as a checkpoint stores it: every quantized layer's bits, group size, sym."""
+        return {name: {"bits": s.bits, "group_size": s.group_size, "sym": s.sym} for name, s in self.plan.items()}
+
+    def checkpoint_config(self, config: SignRoundV2Config) -> SignRoundV2Config:
+        """A copy of ``config`` holding what a saved checkpoint of this result needs (``config.record``):
+        set it as ``model.config.quantization_config`` before ``save_pretrained``."""
+        saved = copy.deepcopy(config)
+        saved.record(self)
+        return saved
 
 
 def plan_layers(model: nn.Module, config: SignRoundV2Config, skip: list[str] | tuple[str, ...] = ()) -> dict[str, QuantSpec]:
@@ -108,13 +139,12 @@ def quantize_model(
     calibration: torch.Tensor | None = None,
     skip: list[str] | tuple[str, ...] = (),
     scoring: torch.Tensor | None = None,
-) -> dict[str, BlockReport]:
+) -> QuantizationResult:
     """Quantize every eligible Linear of ``model``'s decoder blocks in place.
 
     Args:
-        model: a causal LM made of repeated decoder blocks.
-        config: the validated config; its ``layer_config`` is rewritten to list every
-            quantized layer, so a saved checkpoint says exactly what it holds.
+        model: a causal LM made of repeated decoder blocks (resident, or offloaded by accelerate).
+        config: the validated config; it is read, never changed.
         calibration: token windows (nsamples, seqlen); needed when ``config.iters > 0``.
         skip: module names kept in full precision besides ``config.modules_to_not_convert``.
         scoring: token windows for the DeltaLoss scoring when ``config.avg_bits`` is set;
@@ -122,50 +152,59 @@ def quantize_model(
             ``sensitivity_seqlen`` tokens.
 
     A layer whose weight holds NaN or inf raises before anything changes, naming it, unless
-    ``config.skip_nonfinite`` keeps it in full precision (``keep_finite``).
-
-    With ``config.avg_bits`` the layers not pinned by ``layer_config`` get their bits from
-    the allocation first (spec §1-2); ``config.realized_avg_bits`` and ``config.allocation``
-    (the per-layer report) are set.
-
-    Returns a report per block (its layers' specs and, when tuned, the reconstruction
-    loss before and after tuning).
+    ``config.skip_nonfinite`` keeps it in full precision (``keep_finite``). With
+    ``config.avg_bits`` the layers not pinned by ``layer_config`` get their bits from the
+    allocation first (spec §1-2).
     """
+    source = ResidentBlocks(model)
     plan = plan_layers(model, config, skip)
-    prefix, blocks = find_blocks(model)
-    warn_other_block_lists(model, prefix)
-    found = {f"{prefix}.{index}.{rel}": counts for index, specs in group_by_block(plan, prefix).items()
-             for rel, counts in nonfinite_counts(blocks[index], specs).items()}
-    plan = keep_finite(plan, found, config)
+    warn_other_block_lists(model, source.prefix)
+    found = {f"{source.prefix}.{index}.{rel}": counts for index, specs in group_by_block(plan, source.prefix).items()
+             for rel, counts in nonfinite_counts(source.blocks[index], specs).items()}
+    result = quantize_source(source, keep_finite(plan, found, config), config, calibration, scoring)
+    set_backend(model, config.backend)
+    return result
+
+
+def quantize_source(source, plan: dict[str, QuantSpec], config: SignRoundV2Config,
+                    calibration: torch.Tensor | None = None, scoring: torch.Tensor | None = None, *,
+                    check_finite: bool = False) -> QuantizationResult:
+    """The pipeline over a block source (``blocks``): allocation (``avg_bits``), then the walk.
+
+    ``check_finite``: check each block's weights for NaN and inf as the walk opens it (a
+    streamed source, whose weights are read only then); layers kept in full precision leave
+    the plan.
+    """
     if not plan:
         raise ValueError("every layer to quantize has NaN or inf weights: nothing is left to quantize")
     if config.tunes and calibration is None:
-        raise ValueError(f"iters={config.iters} tunes on calibration data: pass dataset= (and tokenizer=) in the config")
+        raise ValueError(config.calibration_error())
+    allocation = None
     if config.avg_bits is not None:
-        plan = _allocate(model, plan, config, scoring if scoring is not None else _scoring_from(calibration, config))
-    per_block = group_by_block(plan, prefix)
-
-    if config.tunes:
-        reports = _tune_blocks(model, blocks, per_block, config, calibration)
-    else:
-        reports = _round_blocks(blocks, per_block, config)
-    config.layer_config = {
-        name: {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym} for name, spec in plan.items()
-    }
-    set_backend(model, config.backend)
-    logger.info("quantized %d layers in %d blocks", len(plan), len(blocks))
-    return {f"{prefix}.{i}": report for i, report in reports.items()}
+        if scoring is None and calibration is not None:
+            scoring = calibration[: config.sensitivity_nsamples, : config.sensitivity_seqlen]
+        allocation = _allocate(source, plan, config, scoring)
+        plan = dict(allocation.specs)
+    with frozen(source.model):
+        reports = quantize_blocks(source, plan, config, calibration, check_finite=check_finite)
+    if not plan:
+        raise ValueError("every layer to quantize has NaN or inf weights: nothing is left to quantize")
+    logger.info("quantized %d layers in %d blocks", len(plan), len(source))
+    return QuantizationResult(plan, realized_avg_bits(source.model, plan, config), reports, allocation)
 
 
-def _scoring_from(calibration: torch.Tensor | None, config: SignRoundV2Config) -> torch.Tensor | None:
-    if calibration is None:
-        return None
-    return calibration[: config.sensitivity_nsamples, : config.sensitivity_seqlen]
+def realized_avg_bits(model: nn.Module, plan: dict[str, QuantSpec], config: SignRoundV2Config) -> float:
+    """Storage bits per quantized weight the packed layers of ``plan`` take (``allocation.layer_bits``)."""
+    scale_bits = torch.finfo(getattr(torch, config.scale_dtype)).bits
+    shapes = {name: _shape(model.get_submodule(name)) for name in plan}
+    total = sum(layer_bits(*shapes[name], spec, scale_bits) for name, spec in plan.items())
+    return round(total / sum(n * k for n, k in shapes.values()), 6)
 
 
-def _allocate(model: nn.Module, plan: dict[str, QuantSpec], config: SignRoundV2Config,
-              scoring: torch.Tensor | None) -> dict[str, QuantSpec]:
+def _allocate(source, plan: dict[str, QuantSpec], config: SignRoundV2Config,
+              scoring: torch.Tensor | None) -> Allocation:
     """Spec §1-2: score the layers the user did not pin, then choose their options by DP."""
+    model = source.model
     pinned = {name: spec for name, spec in plan.items()
               if {"bits", "group_size"} & set(config.layer_config.get(name, {}))}
     layers = {name: model.get_submodule(name) for name in plan if name not in pinned}
@@ -175,112 +214,123 @@ def _allocate(model: nn.Module, plan: dict[str, QuantSpec], config: SignRoundV2C
     options = [QuantSpec(bits, group, config.sym) for bits, group in config.options]
     scale_dtype = getattr(torch, config.scale_dtype)
     scale_bits = torch.finfo(scale_dtype).bits
-    units = ([[n for n in group if n in layers] for group in shared_input_groups(model, layers)]
+    # Costs depend on shapes only: an impossible target fails before any pass over the blocks
+    # (the range of totals does not depend on how layers are tied into units).
+    check_budget(shapes, [[n] for n in layers], options, config.avg_bits, scale_bits, pinned)
+    units = ([[n for n in group if n in layers] for group in shared_input_groups(source, layers, config.compute_device)]
              if config.tie_fused else [[n] for n in layers])
     units = [u for u in units if u]
-    # Costs depend on shapes only: an impossible target fails before any scoring work.
-    check_budget(shapes, units, options, config.avg_bits, scale_bits, pinned)
-    if config.sensitivity_method == "weight_error":
-        scores = weight_error_scores(layers, options, scale_dtype)
+    method = config.sensitivity_method
+    if method == "weight_error":
+        scores = weight_error_scores(source, layers, options, scale_dtype, config.compute_device)
+    elif scoring is None:
+        raise ValueError(
+            f"avg_bits with sensitivity_method={method!r} scores layers on calibration data: pass dataset= "
+            "(and tokenizer=) in the config, or sensitivity_method='weight_error' for a data-free allocation"
+        )
+    elif method == "deltaloss_fisher":
+        scores = taylor_scores(source, layers, options, scoring, batch_size=config.batch_size, scale_dtype=scale_dtype,
+                               device=config.compute_device, scale_search=config.scale_search)
     else:
-        if scoring is None:
-            raise ValueError(
-                f"avg_bits with sensitivity_method={config.sensitivity_method!r} scores layers on calibration data: pass dataset= "
-                "(and tokenizer=) in the config, or sensitivity_method='weight_error' for a data-free allocation"
-            )
-        if config.sensitivity_method == "deltaloss_fisher":
-            scores = taylor_scores(model, layers, options, scoring, batch_size=config.batch_size,
-                                   scale_dtype=scale_dtype, device=config.compute_device,
-                                   scale_search=config.scale_search)
-        else:
-            anchor = None
-            if config.sensitivity_method == "deltaloss_anchored":  # the dearest option: nearest full precision
-                anchor = options[int(unit_costs(shapes, units, options, scale_bits).sum(0).argmax())]
-            scores = delta_loss_scores(model, layers, options, scoring, batch_size=config.batch_size,
-                                       scale_dtype=scale_dtype, device=config.compute_device, anchor=anchor)
-    alloc = allocate(shapes, scores, units, options, config.avg_bits, scale_bits, pinned, config.sensitivity_method)
+        anchor = None
+        if method == "deltaloss_anchored":  # the dearest option: nearest full precision
+            anchor = options[int(unit_costs(shapes, units, options, scale_bits).sum(0).argmax())]
+        scores = delta_loss_scores(source, layers, options, scoring, batch_size=config.batch_size,
+                                   scale_dtype=scale_dtype, device=config.compute_device, anchor=anchor)
+    alloc = allocate(shapes, scores, units, options, config.avg_bits, scale_bits, pinned, method)
     logger.info("sensitivity and chosen bits:\n%s", alloc.table())
-    config.realized_avg_bits = round(alloc.realized, 6)
-    config.allocation = alloc
-    return alloc.specs
+    return alloc
 
 
 def _shape(layer: nn.Module) -> tuple[int, int]:
     return layer.out_features, layer.in_features
 
 
-@dataclass
-class BlockReport:
-    specs: dict[str, QuantSpec]
-    loss_before: float | None = None  # tuning loss of the first step (the searched or min-max start)
-    loss_after: float | None = None  # tuning loss of the kept (lowest) step
-    mse_after: float | None = None  # plain MSE of the frozen block over all calibration windows
-
-
-def _round_blocks(blocks: nn.ModuleList, per_block: dict[int, dict[str, QuantSpec]], config: SignRoundV2Config):
-    scale_dtype = getattr(torch, config.scale_dtype)
+def quantize_blocks(source, plan: dict[str, QuantSpec], config: SignRoundV2Config,
+                    calibration: torch.Tensor | None, *, check_finite: bool = False) -> dict[str, BlockReport]:
+    """The walk: every block in order is opened, quantized (:func:`quantize_block`), given its
+    packed layers and stored. With tuning (spec §3 a-d) a float chain and a quantized chain of
+    block inputs run side by side. ``plan`` loses the layers ``check_finite`` keeps in float."""
+    per_block = group_by_block(plan, source.prefix)
+    device = config.compute_device
+    call = fp_in = q_in = None
+    if config.tunes:
+        fp_in, call = source.capture(calibration, device)
+        q_in = fp_in  # identical until the first quantized block
     reports = {}
-    for index in tqdm(range(len(blocks)), desc="round-to-nearest", unit="block", disable=not per_block):
-        specs = per_block.get(index, {})
-        if specs:
-            with block_on(blocks[index], config.compute_device) as block:
-                for rel, spec in specs.items():
-                    set_module(block, rel, to_quant_linear(block.get_submodule(rel), spec, scale_dtype))
-        reports[index] = BlockReport(specs)
+    progress = tqdm(range(len(source)), desc="tuning blocks" if config.tunes else "round-to-nearest", unit="block")
+    for index in progress:
+        name = f"{source.prefix}.{index}"
+        with source.open(index, device) as block:
+            specs = per_block.get(index, {})
+            if check_finite and specs:
+                kept = keep_finite({f"{name}.{rel}": s for rel, s in specs.items()},
+                                   {f"{name}.{rel}": c for rel, c in nonfinite_counts(block, specs).items()}, config)
+                for rel in [rel for rel in specs if f"{name}.{rel}" not in kept]:
+                    del specs[rel], plan[f"{name}.{rel}"]
+            packed, reports[name], fp_in, q_in = quantize_block(block, specs, config, index, call, fp_in, q_in)
+            for rel, layer in packed.items():
+                set_module(block, rel, layer)
+            source.store(index, block)
+        report = reports[name]
+        if report.loss_after is not None:
+            progress.set_postfix_str(f"loss {report.loss_before:.3g} -> {report.loss_after:.3g}")
+            logger.info("block %d/%d: %d layers, loss %.4g (first step) -> %.4g (kept step); frozen block MSE %.4g",
+                        index + 1, len(source), len(specs), report.loss_before, report.loss_after, report.mse_after)
     return reports
 
 
-def _tune_blocks(model, blocks, per_block, config: SignRoundV2Config, calibration: torch.Tensor):
-    """Spec §3 a-d, block after block, with a float chain and a quantized chain side by side."""
-    grad_flags = {p: p.requires_grad for p in model.parameters()}
-    model.requires_grad_(False)
-    try:
-        device = config.compute_device
-        hidden, args, kwargs = capture_block_inputs(model, blocks, calibration)
-        hidden, call = hidden.to(device), BlockCall(*to_device((args, kwargs), device))
-        fp_in = q_in = hidden  # identical until the first quantized block
-        reports = {}
-        progress = tqdm(range(len(blocks)), desc="tuning blocks", unit="block")
-        for index in progress:
-            with block_on(blocks[index], device) as block:
-                reports[index], fp_in, q_in = _tune_block(block, per_block.get(index, {}), call, fp_in, q_in,
-                                                          config, index)
-            if reports[index].loss_after is not None:
-                before, after = reports[index].loss_before, reports[index].loss_after
-                progress.set_postfix_str(f"loss {before:.3g} -> {after:.3g}")
-                logger.info("block %d/%d: %d layers, loss %.4g (first step) -> %.4g (kept step); frozen block MSE %.4g",
-                            index + 1, len(blocks), len(reports[index].specs), before, after, reports[index].mse_after)
-        return reports
-    finally:
-        for p, flag in grad_flags.items():
-            p.requires_grad_(flag)
+def quantize_block(block: nn.Module, specs: dict[str, QuantSpec], config: SignRoundV2Config, index: int,
+                   call: BlockCall | None = None, fp_in: torch.Tensor | None = None,
+                   q_in: torch.Tensor | None = None):
+    """Quantize the layers ``specs`` names in ``block``, leaving the block as it was.
 
+    Without tuning: round-to-nearest. With tuning (``call`` and the chains' inputs given):
+    reference outputs, scale search, sign-gradient tuning, freezing (spec §3 a-d).
 
-def _tune_block(block, specs, call: BlockCall, fp_in, q_in, config: SignRoundV2Config, index: int):
-    """One block: reference outputs, scale search, tuning, freezing. Returns (report, fp_out, q_out)."""
+    Returns ``(packed layers by name inside the block, report, fp_out, q_out)``; the outputs
+    are the block's on the float chain and, with its packed layers, on the quantized chain
+    (``None`` without tuning).
+    """
+    scale_dtype = getattr(torch, config.scale_dtype)
+    if not config.tunes:
+        packed = {rel: to_quant_linear(block.get_submodule(rel), spec, scale_dtype) for rel, spec in specs.items()}
+        return packed, BlockReport(specs), None, None
     importance = _ImportanceHooks(block, specs) if config.scale_search and specs else None
     fp_out = call.batched(block, fp_in, config.batch_size)
     if not specs:
         q_out = fp_out if q_in is fp_in else call.batched(block, q_in, config.batch_size)
-        return BlockReport(specs), fp_out, q_out
+        return {}, BlockReport(specs), fp_out, q_out
     importance = importance.finish() if importance is not None else None
-    scale_dtype = getattr(torch, config.scale_dtype)
     tunables = {}
     for rel, spec in specs.items():
         layer = block.get_submodule(rel)
         factor = search_factors(layer.weight, spec, importance[rel], scale_dtype) if importance else None
         tunables[rel] = TunableLinear(layer, spec, factor, scale_dtype)
-        set_module(block, rel, tunables[rel])
     topk = config.topk_exclusion if config.topk_exclusion is not None else min(s.bits for s in specs.values()) < 4
     amp = config.amp and q_in.dtype == torch.float32 and fast_bf16(q_in.device)
     settings = TuneSettings(config.iters, config.effective_lr, config.batch_size,
                             config.topk_ratio if topk else None, config.topk_mode, config.seed + index, amp)
-    history = tune_block(block, tunables, call, q_in, fp_out, settings)
-    for rel, tunable in tunables.items():
-        frozen = {k: v.detach() for k, v in tunable.quant_args().items()}
-        set_module(block, rel, to_quant_linear(tunable.layer, tunable.spec, scale_dtype, **frozen))
-    mse, q_out = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
-    return BlockReport(specs, history[0], min(history), mse), fp_out, q_out
+    with _swapped(block, tunables):
+        history = tune_block(block, tunables, call, q_in, fp_out, settings)
+    packed = {rel: to_quant_linear(t.layer, t.spec, scale_dtype, **{k: v.detach() for k, v in t.quant_args().items()})
+              for rel, t in tunables.items()}
+    with _swapped(block, packed):
+        mse, q_out = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
+    return packed, BlockReport(specs, history[0], min(history), mse), fp_out, q_out
+
+
+@contextmanager
+def _swapped(block: nn.Module, modules: dict[str, nn.Module]):
+    """``block`` with ``modules`` in place of its own (by name inside the block) while inside."""
+    originals = {rel: block.get_submodule(rel) for rel in modules}
+    try:
+        for rel, module in modules.items():
+            set_module(block, rel, module)
+        yield block
+    finally:
+        for rel, module in originals.items():
+            set_module(block, rel, module)
 
 
 class _ImportanceHooks:

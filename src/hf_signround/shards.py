@@ -6,6 +6,7 @@ dict of strings), then the data section, which the tensors cover exactly, back t
 
 ``read_header`` reads the header only and checks it against the file's size, so a file cut
 short or with a damaged header fails with its path before any tensor is read.
+``SafetensorsFolder`` reads a checkpoint folder's tensors a few at a time, by name.
 
 ``ShardWriter``: each tensor's bytes go to disk the moment it is added (a temporary data file
 per shard); ``close`` assembles each shard's file (header, then the data file copied behind
@@ -30,7 +31,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "Header", "ShardWriter", "TensorInfo", "read_header", "size_in_bytes"]
+__all__ = ["CheckpointError", "Header", "SafetensorsFolder", "ShardWriter", "TensorInfo", "read_header",
+           "size_in_bytes"]
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -123,6 +125,59 @@ def _broken(path: Path, reason: str) -> NoReturn:
         f"{path} is not a valid safetensors file: {reason}. The file is damaged or incomplete (e.g. an interrupted "
         "download or save): re-download or re-save the checkpoint"
     )
+
+
+class SafetensorsFolder:
+    """The safetensors of a checkpoint folder (one file, or shards with an index), read by tensor name.
+
+    Every file's header is read and checked on opening, so a damaged file fails before any
+    work. Tensors are read straight into fresh memory, not through a memory map: the pages a
+    map touches stay resident (and counted) while any tensor of the file lives, and a copy out
+    of it needs the memory twice.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = folder = Path(folder)
+        index = folder / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                stored = {key: folder / name for key, name in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise CheckpointError(f"{index} is not a valid shard index ({err!r}): re-download or re-save the "
+                                      "checkpoint") from err
+        elif (folder / WEIGHTS).is_file():
+            stored = None
+        else:
+            raise FileNotFoundError(f"{folder} holds no {WEIGHTS} or {INDEX}: give a folder saved by "
+                                    "save_pretrained in the safetensors format (re-save a .bin checkpoint first)")
+        paths = sorted(set(stored.values())) if stored is not None else [folder / WEIGHTS]
+        self.headers = {path: read_header(path).tensors for path in paths}
+        if stored is None:
+            stored = dict.fromkeys(self.headers[folder / WEIGHTS], folder / WEIGHTS)
+        for key, path in stored.items():
+            if key not in self.headers[path]:
+                raise CheckpointError(f"{index} lists {key} in {path.name}, which does not hold it: re-download or "
+                                      "re-save the checkpoint")
+        self.files: dict[str, Path] = stored  # tensor name -> file
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, each file opened once."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for path, group in by_file.items():
+            with open(path, "rb") as f:
+                for name in group:
+                    info = self.headers[path][name]
+                    data = torch.empty(info.end - info.start, dtype=torch.uint8)
+                    f.seek(info.start)
+                    if f.readinto(memoryview(data.numpy())) != info.end - info.start:
+                        raise CheckpointError(f"{name} is truncated in {path}: the checkpoint file is incomplete; "
+                                              "re-download or re-save the checkpoint")
+                    out[name] = data.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+        return out
 
 
 def size_in_bytes(size: int | str) -> int:
