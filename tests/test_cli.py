@@ -14,6 +14,8 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +23,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_signround import SignRoundV2Config
 from hf_signround.config import SENSITIVITY_METHODS
-from hf_signround.cli import EXIT_INPUT, EXIT_USAGE, inspect_checkpoint, main
+from hf_signround.cli import EXIT_INPUT, EXIT_USAGE, build_parser, inspect_checkpoint, main
 from hf_signround.evaluation import heldout_windows, perplexity
 from hf_signround.export import export_gptq
 
 IDS = torch.tensor([[1, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -72,6 +75,62 @@ def test_console_script_help_lists_every_option_with_its_default():
     for method in SENSITIVITY_METHODS:
         assert method in out.stdout, method
     assert helps["asym"] == "asymmetric quantization with stored zero points (the default)"
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """--help answers at once: building the parser loads no heavy module (those take seconds)."""
+    child = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(SRC)!r})
+        from hf_signround.cli import main
+        for argv in (["--help"], ["quantize", "--help"], ["eval", "--help"], ["inspect", "--help"],
+                     ["export", "--help"]):
+            try:
+                main(argv)
+            except SystemExit as done:
+                assert done.code == 0, (argv, done.code)
+        heavy = sorted(m for m in ("torch", "transformers", "accelerate") if m in sys.modules)
+        assert not heavy, f"--help imported {{heavy}}"
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "usage: hf-signround export" in done.stdout
+
+
+def test_option_defaults_are_the_config_signature():
+    import inspect
+
+    from hf_signround import cli, config
+
+    params = inspect.signature(SignRoundV2Config.__init__).parameters.values()
+    assert cli._config_defaults() == {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    assert cli._config_source()[1]["SENSITIVITY_METHODS"] == config.SENSITIVITY_METHODS
+
+
+@pytest.mark.parametrize("argv", [["--debug", "-q", "inspect", "x"], ["inspect", "x", "--debug", "-q"],
+                                  ["--debug", "inspect", "x", "-q"], ["quantize", "m", "o", "--quiet", "--debug"],
+                                  ["eval", "m", "-q", "--debug"], ["export", "a", "b", "--debug", "--quiet"]])
+def test_logging_options_go_before_or_after_the_command(argv):
+    args = build_parser().parse_args(argv)
+    assert args.debug is True and args.quiet is True
+
+
+def test_logging_options_default_off():
+    args = build_parser().parse_args(["inspect", "x"])
+    assert args.debug is False and args.quiet is False
+
+
+def test_debug_after_the_command_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    import hf_signround.cli as cli
+
+    def broken(args):
+        raise RuntimeError("something unexpected")
+
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "failed: RuntimeError: something unexpected (run with --debug for the traceback)" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="something unexpected"):
+        main(["inspect", str(tmp_path), "--debug"])
 
 
 def test_quantize_and_inspect(llama_dir, tmp_path):

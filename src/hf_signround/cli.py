@@ -22,7 +22,9 @@ The quantization defaults are ``SignRoundV2Config``'s; the CLI adds none of its 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import functools
 import importlib.util
 import inspect
 import json
@@ -33,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 from .outputs import check_output, staged_output
-from .shards import CheckpointError, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,43 @@ class CLIError(Exception):
 
 
 def _config_defaults() -> dict[str, Any]:
-    from .config import SignRoundV2Config
+    """``SignRoundV2Config.__init__``'s keyword defaults."""
+    return _config_source()[0]
 
-    params = inspect.signature(SignRoundV2Config.__init__).parameters.values()
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+@functools.cache
+def _config_source() -> tuple[dict[str, Any], dict[str, Any]]:
+    """``SignRoundV2Config.__init__``'s defaults and config.py's module-level constants.
+
+    Read from config.py's source, so that building the parser (``--help``) imports neither
+    transformers nor torch, which config.py imports (seconds of start-up). Should the source
+    stop spelling a default as a literal or a constant, the module is imported instead.
+    """
+    try:
+        return _read_config_source(Path(__file__).with_name("config.py"))
+    except (OSError, SyntaxError, ValueError, KeyError, StopIteration) as err:
+        logger.debug("cannot read the config defaults from config.py's source (%s): importing it", err)
+    from . import config
+
+    params = inspect.signature(config.SignRoundV2Config.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, vars(config)
+
+
+def _read_config_source(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    constants = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            with contextlib.suppress(ValueError):  # not a literal: not a constant the parser needs
+                constants[node.targets[0].id] = ast.literal_eval(node.value)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SignRoundV2Config")
+    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__").args
+    positional = [*init.posonlyargs, *init.args]
+    pairs = [*zip(positional[len(positional) - len(init.defaults):], init.defaults),
+             *((a, d) for a, d in zip(init.kwonlyargs, init.kw_defaults) if d is not None)]
+    defaults = {arg.arg: constants[node.id] if isinstance(node, ast.Name) else ast.literal_eval(node)
+                for arg, node in pairs}
+    return defaults, constants
 
 
 def parse_bit_options(text: str) -> list[tuple[int, int]]:
@@ -362,6 +396,8 @@ def _gptq_loader(folder: Path):
 
 def _tensor_headers(folder: Path) -> dict[str, tuple[tuple[int, ...], int]]:
     """name -> (shape, bytes) of every tensor in the folder's safetensors, read from the headers only."""
+    from .shards import read_header
+
     return {name: (info.shape, info.end - info.start)
             for path in sorted(folder.glob("*.safetensors")) for name, info in read_header(path).tensors.items()}
 
@@ -440,19 +476,20 @@ def _schemes_line(summary: dict) -> str:
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from .config import SENSITIVITY_METHODS
-
-    d = _config_defaults()
+    """The command line; building it imports neither torch nor transformers (``--help`` answers at once)."""
+    d, constants = _config_source()
+    SENSITIVITY_METHODS = constants["SENSITIVITY_METHODS"]  # noqa: N806
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="hf-signround", description="Quantize (SignRoundV2), evaluate, inspect and export checkpoints.",
         epilog="exit codes: 0 done, 1 unexpected failure, 2 invalid option or setting, 3 input not found or unreadable",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    _add_logging_options(parser, default=False)
+    common = argparse.ArgumentParser(add_help=False)  # the same options after the command
+    _add_logging_options(common, default=argparse.SUPPRESS)  # absent there: the value given before it stands
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    q = sub.add_parser("quantize", formatter_class=fmt, help="quantize a model and save it",
+    q = sub.add_parser("quantize", parents=[common], formatter_class=fmt, help="quantize a model and save it",
                        description="Quantize MODEL with SignRoundV2 and save the result (plus its tokenizer) to OUT.")
     q.add_argument("model", metavar="MODEL", help="a transformers model folder, a .gguf file, or a hub model id")
     q.add_argument("out", metavar="OUT", help="folder to write the quantized checkpoint to")
@@ -505,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", formatter_class=fmt, help="perplexity and generation speed",
+    e = sub.add_parser("eval", parents=[common], formatter_class=fmt, help="perplexity and generation speed",
                        description="Perplexity of MODEL on held-out text, and greedy generation tokens/s.")
     e.add_argument("model", metavar="MODEL", help="a model folder (float, hf_signround or GPTQ), .gguf file or hub id")
     e.add_argument("--dataset", default="pydocs-heldout",
@@ -520,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the results as JSON")
     e.set_defaults(func=cmd_eval)
 
-    i = sub.add_parser("inspect", formatter_class=fmt, help="per-layer bits and sizes of a checkpoint",
+    i = sub.add_parser("inspect", parents=[common], formatter_class=fmt, help="per-layer bits and sizes of a checkpoint",
                        description="Bits, group size, bytes per quantized layer and the realised average of OUT "
                                    "(reads config.json and tensor headers only).")
     i.add_argument("out", metavar="OUT", help="an hf_signround or GPTQ checkpoint folder")
@@ -528,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print everything as JSON")
     i.set_defaults(func=cmd_inspect)
 
-    x = sub.add_parser("export", formatter_class=fmt, help="rewrite an hf_signround checkpoint as GPTQ",
+    x = sub.add_parser("export", parents=[common], formatter_class=fmt, help="rewrite an hf_signround checkpoint as GPTQ",
                        description="Convert a saved hf_signround checkpoint to the GPTQ v1 layout, exactly.")
     x.add_argument("checkpoint", metavar="CKPT", help="folder written by `hf-signround quantize` or save_pretrained")
     x.add_argument("out", metavar="OUT", help="folder to write the GPTQ checkpoint to")
@@ -537,6 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     x.set_defaults(func=cmd_export)
     return parser
+
+
+def _add_logging_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="only warnings and errors on stderr")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -566,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _exit_code(err: Exception) -> int:
     """The exit code of an error the library raised; its message names what to fix."""
+    from .shards import CheckpointError
+
     if isinstance(err, (CheckpointError, OSError)):  # a damaged or mismatched file; a file not found or unreadable
         return EXIT_INPUT
     if isinstance(err, (ValueError, TypeError)):  # config and plan validation: the message names the setting
