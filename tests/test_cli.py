@@ -202,6 +202,43 @@ def test_eval(llama_dir, corpus_file, tokenizer):
     assert result["tokens_per_second"] > 0
 
 
+def test_eval_prints_the_perplexity_before_generating(llama_dir, corpus_file, capsys, monkeypatch):
+    """A perplexity is never lost to a Ctrl-C during the speed measurement: it is out before generation starts."""
+    from hf_signround import evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "tokens_per_second", interrupted)
+    args = ["eval", str(llama_dir), "--dataset", str(corpus_file), "--windows", "4", "--seqlen", "32"]
+    assert main(args) == 130
+    out = capsys.readouterr()
+    assert re.fullmatch(rf"perplexity \d+\.\d{{3}} on 4 x 32 tokens of {re.escape(str(corpus_file))}\n", out.out), out.out
+    assert out.err.endswith("hf-signround eval: interrupted\n")
+
+    monkeypatch.setattr(evaluation, "tokens_per_second", lambda *a, **kw: 12.345)
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "generation 12.3 tokens/s (32 new tokens, greedy, after 'def fibonacci(n):')"
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_eval_json_is_one_document_with_results_on_stderr_as_they_come(llama_dir, corpus_file, capsys, monkeypatch,
+                                                                        quiet):
+    from hf_signround import evaluation
+
+    monkeypatch.setattr(evaluation, "tokens_per_second", lambda *a, **kw: 12.345)
+    args = ["eval", str(llama_dir), "--dataset", str(corpus_file), "--windows", "4", "--seqlen", "32", "--json"]
+    assert main([*args, *(["-q"] if quiet else [])]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)  # stdout is the JSON document alone
+    assert result["tokens_per_second"] == 12.345
+    results_on_stderr = [line for line in out.err.splitlines() if line.startswith(("perplexity ", "generation "))]
+    assert results_on_stderr == ([] if quiet else [f"perplexity {result['perplexity']:.3f} on 4 x 32 tokens of "
+                                                   f"{corpus_file}", "generation 12.3 tokens/s (32 new tokens, "
+                                                   "greedy, after 'def fibonacci(n):')"])
+
+
 def test_errors_exit_with_their_codes_through_the_process(tmp_path):
     done = run("quantize", "some/model", tmp_path / "out", "--bits", 5)  # fails before loading anything
     assert done.returncode == EXIT_USAGE

@@ -299,15 +299,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               n_windows=args.windows, seqlen=args.seqlen)
     result = {"model": args.model, "dataset": args.dataset, "windows": args.windows, "seqlen": args.seqlen,
               "perplexity": perplexity(model, windows, batch_size=args.batch_size)}
+    _result_line(args, f"perplexity {result['perplexity']:.3f} on {args.windows} x {args.seqlen} tokens of "
+                       f"{args.dataset}")
     if args.max_new_tokens > 0:
         result["tokens_per_second"] = tokens_per_second(model, tokenizer, args.prompt, args.max_new_tokens)
+        _result_line(args, f"generation {result['tokens_per_second']:.1f} tokens/s ({args.max_new_tokens} new "
+                           f"tokens, greedy, after {args.prompt!r})")
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        speed = (f"; {result['tokens_per_second']:.1f} tokens/s generating {args.max_new_tokens} tokens"
-                 if "tokens_per_second" in result else "")
-        print(f"perplexity {result['perplexity']:.3f} on {args.windows} x {args.seqlen} tokens of {args.dataset}{speed}")
     return EXIT_OK
+
+
+def _result_line(args: argparse.Namespace, line: str) -> None:
+    """One result, printed the moment it is known: on stdout, or with --json (where stdout holds the
+    JSON document alone, printed at the end) on stderr unless -q."""
+    if not args.json:
+        print(line, flush=True)
+    elif not args.quiet:
+        print(line, file=sys.stderr, flush=True)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -543,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", parents=[common], formatter_class=fmt, help="perplexity and generation speed",
-                       description="Perplexity of MODEL on held-out text, and greedy generation tokens/s.")
+                       description="Perplexity of MODEL on held-out text, then greedy generation tokens/s; each "
+                                   "is printed as soon as it is known.")
     e.add_argument("model", metavar="MODEL", help="a model folder (float, hf_signround or GPTQ), .gguf file or hub id")
     e.add_argument("--dataset", default="pydocs-heldout",
                    help="text: a file or folder, a hub dataset, or a built-in: " + "; ".join(
@@ -554,7 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt", default="def fibonacci(n):", help="prompt of the speed measurement")
     e.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated for tokens/s; 0 skips it")
     e.add_argument("--device", default=None, help="device to run on, e.g. cuda or cpu (None: where it loads)")
-    e.add_argument("--json", action="store_true", help="print the results as JSON")
+    e.add_argument("--json", action="store_true",
+                   help="print the results as one JSON document on stdout at the end (each result also goes to "
+                        "stderr as soon as it is known, unless -q)")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("inspect", parents=[common], formatter_class=fmt, help="per-layer bits and sizes of a checkpoint",
