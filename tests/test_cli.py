@@ -434,3 +434,20 @@ def test_nonfinite_weights_through_the_command_line(tmp_path, capsys):
     assert "quantized 13 layers (13 W4G32 asym)" in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert BAD not in saved["layer_config"] and saved["skip_nonfinite"] is True
+
+
+def test_everything_the_cli_writes_follows_the_umask(llama_dir, tmp_path):
+    """Readable by other users under umask 022, like any file: safetensors alone would write 0600."""
+    old = os.umask(0o022)
+    try:
+        common = ["-q", "quantize", str(llama_dir), "--iters", "0", "--group-size", "32"]
+        assert main([*common[:3], str(tmp_path / "loaded"), *common[3:]]) == 0
+        assert main([*common[:3], str(tmp_path / "streamed"), *common[3:], "--low-memory"]) == 0
+        assert main([*common[:3], str(tmp_path / "gptq"), *common[3:], "--format", "gptq"]) == 0
+        assert main(["-q", "export", str(tmp_path / "loaded"), str(tmp_path / "exported")]) == 0
+    finally:
+        os.umask(old)
+    for out in ("loaded", "streamed", "gptq", "exported"):
+        paths = [tmp_path / out, *(tmp_path / out).rglob("*")]
+        assert {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in paths} == {
+            p.relative_to(tmp_path).as_posix(): "0o755" if p.is_dir() else "0o644" for p in paths}
