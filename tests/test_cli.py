@@ -451,3 +451,43 @@ def test_everything_the_cli_writes_follows_the_umask(llama_dir, tmp_path):
         paths = [tmp_path / out, *(tmp_path / out).rglob("*")]
         assert {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in paths} == {
             p.relative_to(tmp_path).as_posix(): "0o755" if p.is_dir() else "0o644" for p in paths}
+
+
+def test_gptq_regrouping_is_said_by_export_quantize_and_inspect(llama_dir, tmp_path, capsys):
+    """At G128 the 64-wide inputs cannot hold a whole group: GPTQ gets G64 there, and every command says so."""
+    from hf_signround.shards import format_size
+
+    line = ("12 layers written with group size 64 (G128 does not divide in_features 64; GPTQ kernels need equal "
+            "groups)")
+    common = ["-q", "quantize", str(llama_dir), "--iters", "0", "--group-size", "128", "--sym"]
+    assert main([*common[:3], str(tmp_path / "ours"), *common[3:]]) == 0
+    assert "written with group size" not in capsys.readouterr().out
+    assert main(["-q", "export", str(tmp_path / "ours"), str(tmp_path / "exported")]) == 0
+    size = format_size((tmp_path / "exported" / "model.safetensors").stat().st_size)
+    assert capsys.readouterr().out == (f"wrote GPTQ checkpoint {tmp_path}/exported ({size}); {line}; 0 zero-point-0 "
+                                       "groups mirrored\n")
+    assert main([*common[:3], str(tmp_path / "gptq"), *common[3:], "--format", "gptq"]) == 0
+    assert capsys.readouterr().out.endswith(f"wrote gptq checkpoint {tmp_path}/gptq ({size}); {line}\n")
+
+    assert main(["inspect", str(tmp_path / "exported")]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].endswith("14 quantized layers (12 W4G64 sym, 2 W4G128 sym), 73,728 weights") and shown[2] == line
+    summary = inspect_checkpoint(tmp_path / "exported")
+    assert sorted(summary["regrouped"]) == sorted(n for n in summary["per_layer"] if "down_proj" not in n)
+    assert set(map(tuple, summary["regrouped"].values())) == {(128, 64)}
+    assert inspect_checkpoint(tmp_path / "ours")["regrouped"] == {}  # ours stores the short last group as it is
+
+
+def test_inspect_lists_layers_in_numeric_order(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=11,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "fp")
+    assert main(["-q", "quantize", str(tmp_path / "fp"), str(tmp_path / "q"), "--iters", "0", "--group-size", "32"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "q"), "--layers"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:78]]
+    blocks = [int(name.split(".")[2]) for name in rows]
+    assert blocks == sorted(blocks) and blocks[:7] == [0] * 7 and blocks[-7:] == [10] * 7
+    assert list(inspect_checkpoint(tmp_path / "q")["per_layer"]) == rows

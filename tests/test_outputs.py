@@ -140,7 +140,7 @@ def test_a_failed_final_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.parametrize("mask", [0o022, 0o077])
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask022", "umask077"])
 def test_staged_output_gives_everything_the_mode_the_umask_gives(tmp_path, umask, mask):
     """save_pretrained's safetensors files are 0600 and mkdtemp's folders 0700 whatever the umask: OUT is not."""
     import tempfile

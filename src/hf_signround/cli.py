@@ -29,6 +29,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -189,16 +190,10 @@ def _load_model(source: str, **kwargs):
         raise CLIError(f"cannot load model {source!r}: {err}", EXIT_INPUT) from err
 
 
-def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return ""
-
-
 def _folder_size(path: Path) -> str:
-    return _human(sum(f.stat().st_size for f in path.glob("*.safetensors")))
+    from .shards import format_size
+
+    return format_size(sum(f.stat().st_size for f in path.glob("*.safetensors")))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -234,7 +229,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     summary = inspect_checkpoint(out)
     print(f"quantized {summary['layers']} layers ({_schemes_line(summary)}), realised "
           f"{summary['avg_bits']:.3f} bits/weight; wrote {args.format} checkpoint {out} "
-          f"({_folder_size(out)})")
+          f"({_folder_size(out)})" + "".join(f"; {line}" for line in _regrouping(summary)))
     return EXIT_OK
 
 
@@ -320,6 +315,8 @@ def _result_line(args: argparse.Namespace, line: str) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .shards import format_size
+
     summary = inspect_checkpoint(Path(args.out))
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -336,8 +333,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     stored = summary.get("config_realized_avg_bits")
     print(f"realised average {summary['avg_bits']:.4f} bits/weight (codes + scales + zero points)"
           + (f"; allocation target {summary['target_avg_bits']}, recorded {stored}" if stored is not None else ""))
-    print(f"quantized layers {_human(summary['quantized_bytes'])}, whole checkpoint "
-          f"{_human(summary['checkpoint_bytes'])}")
+    for line in _regrouping(summary):
+        print(line)
+    print(f"quantized layers {format_size(summary['quantized_bytes'])}, whole checkpoint "
+          f"{format_size(summary['checkpoint_bytes'])}")
     return EXIT_OK
 
 
@@ -358,9 +357,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         result = export_gptq(model, stage, max_shard_size=args.max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
-    print(f"wrote GPTQ checkpoint {out} ({_folder_size(out)}); "
-          f"{len(result.regrouped)} layers regrouped, {result.mirrored_groups} zero-point-0 groups mirrored")
+    regrouped = _regrouping(inspect_checkpoint(out)) or ["every layer keeps its group size"]
+    print(f"wrote GPTQ checkpoint {out} ({_folder_size(out)}); {'; '.join(regrouped)}; "
+          f"{result.mirrored_groups} zero-point-0 groups mirrored")
     return EXIT_OK
+
+
+def _regrouping(summary: dict) -> list[str]:
+    """The line saying which layers a GPTQ export wrote with a smaller group size, if any."""
+    from .export.gptq import describe_regrouping
+
+    regrouped = {name: pair for name, pair in summary["regrouped"].items() if name in summary["per_layer"]}
+    if not regrouped:
+        return []
+    return [describe_regrouping(regrouped, {name: summary["per_layer"][name]["in_features"] for name in regrouped})]
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -403,12 +413,22 @@ def _gptq_loader(folder: Path):
     return AutoRoundConfig(backend="auto" if asym else "auto_round:torch_zp")
 
 
-def _tensor_headers(folder: Path) -> dict[str, tuple[tuple[int, ...], int]]:
-    """name -> (shape, bytes) of every tensor in the folder's safetensors, read from the headers only."""
+def _tensor_headers(folder: Path) -> tuple[dict[str, tuple[tuple[int, ...], int]], dict[str, str]]:
+    """name -> (shape, bytes) of every tensor in the folder's safetensors, and their metadata, read from
+    the headers only."""
     from .shards import read_header
 
-    return {name: (info.shape, info.end - info.start)
-            for path in sorted(folder.glob("*.safetensors")) for name, info in read_header(path).tensors.items()}
+    tensors, metadata = {}, {}
+    for path in sorted(folder.glob("*.safetensors")):
+        header = read_header(path)
+        tensors.update({name: (info.shape, info.end - info.start) for name, info in header.tensors.items()})
+        metadata.update(header.metadata)
+    return tensors, metadata
+
+
+def _natural(name: str) -> list[str | int]:
+    """Sort key putting model.layers.2 before model.layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def inspect_checkpoint(folder: Path) -> dict[str, Any]:
@@ -424,10 +444,10 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
     method = qc.get("quant_method")
     if method not in ("signround_v2", "gptq"):
         raise CLIError(f"{folder} is quantized with {method!r}; inspect reads signround_v2 and gptq checkpoints")
-    headers = _tensor_headers(folder)
+    headers, metadata = _tensor_headers(folder)
     if not headers:
         raise CLIError(f"{folder} holds no .safetensors files", EXIT_INPUT)
-    layers = sorted({k.rpartition(".")[0] for k in headers if k.endswith(".qweight")})
+    layers = sorted({k.rpartition(".")[0] for k in headers if k.endswith(".qweight")}, key=_natural)
     shapes = _linear_shapes(folder)
     per_layer = {}
     for name in layers:
@@ -436,7 +456,7 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
             spec = {**{key: qc[key] for key in ("bits", "group_size", "sym")}, **qc["layer_config"].get(name, {})}
         else:
             rows, groups = headers[f"{name}.qweight"][0][0], headers[f"{name}.scales"][0][0]
-            spec = _gptq_spec(qc, name, bits=rows * 32 // k, group_size=-1 if groups == 1 else k // groups)
+            spec = _gptq_spec(qc, name, bits=rows * 32 // k, groups=groups, in_features=k)
         size = sum(headers[f"{name}.{t}"][1] for t in ("qweight", "scales", "qzeros") if f"{name}.{t}" in headers)
         per_layer[name] = {**spec, "out_features": n, "in_features": k, "bytes": size, "avg_bits": 8 * size / (n * k)}
     params = sum(r["out_features"] * r["in_features"] for r in per_layer.values())
@@ -447,12 +467,25 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
         schemes[label] = schemes.get(label, 0) + 1
     return {
         "format": "hf_signround" if method == "signround_v2" else "gptq",
-        "layers": len(per_layer), "params": params, "schemes": schemes,
+        "layers": len(per_layer), "params": params,
+        "schemes": dict(sorted(schemes.items(), key=lambda item: -item[1])),  # the most common first
         "avg_bits": 8 * quantized / params if params else 0.0,
         "config_realized_avg_bits": qc.get("realized_avg_bits"), "target_avg_bits": qc.get("avg_bits"),
         "quantized_bytes": quantized, "checkpoint_bytes": sum(b for _, b in headers.values()),
+        "regrouped": _regrouped(metadata) if method == "gptq" else {},
         "per_layer": per_layer,
     }
+
+
+def _regrouped(metadata: dict[str, str]) -> dict[str, list[int]]:
+    """A GPTQ export's layers written with a smaller group size: layer -> [our group size, written one]."""
+    from .export.gptq import REGROUPED_KEY
+
+    try:
+        return json.loads(metadata.get(REGROUPED_KEY, "{}"))
+    except ValueError:  # written by someone else, or damaged: the tensors themselves are what counts
+        logger.warning("ignoring an unreadable %s entry in the safetensors metadata", REGROUPED_KEY)
+        return {}
 
 
 def _linear_shapes(folder: Path) -> dict[str, tuple[int, int]]:
@@ -467,16 +500,19 @@ def _linear_shapes(folder: Path) -> dict[str, tuple[int, int]]:
     return {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _gptq_spec(qc: dict, name: str, bits: int, group_size: int) -> dict:
-    """A GPTQ layer's scheme: bits and group size from its tensors, sym from the first matching rule."""
-    import re
-
-    sym = qc.get("sym", True)
+def _gptq_spec(qc: dict, name: str, bits: int, groups: int, in_features: int) -> dict:
+    """A GPTQ layer's scheme: sym and group size from the first matching rule (else the global ones),
+    bits from its tensors. The tensors hold ``groups`` groups, which cannot tell a group as wide as
+    the layer from one group per channel; a rule the tensors contradict gives way to them."""
+    spec = {"sym": qc.get("sym", True), "group_size": qc.get("group_size", -1)}
     for pattern, override in (qc.get("dynamic") or {}).items():
         if pattern.startswith("+:") and re.match(pattern[2:], name):
-            sym = override.get("sym", sym)
+            spec.update({key: override[key] for key in spec if key in override})
             break
-    return {"bits": bits, "group_size": group_size, "sym": sym}
+    group = spec["group_size"]
+    if groups != (1 if group == -1 else -(-in_features // group)):
+        spec["group_size"] = -1 if groups == 1 else in_features // groups
+    return {"bits": bits, **spec}
 
 
 def _schemes_line(summary: dict) -> str:
