@@ -201,11 +201,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .config import SignRoundV2Config
 
     out = Path(args.out)
-    knobs = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "iters": args.iters,
-             "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "device": args.device,
-             "avg_bits": args.avg_bits, "bit_options": args.bit_options,
-             "sensitivity_method": args.sensitivity_method, "modules_to_not_convert": args.keep or None,
-             "skip_nonfinite": args.skip_nonfinite}
+    knobs = config_knobs(args)
     config = SignRoundV2Config(**knobs)  # bad options fail here, before anything loads
     if config.needs_calibration and args.dataset is None:
         raise CLIError(f"--iters {args.iters} tunes on calibration text (and --avg-bits scores on it): pass "
@@ -231,6 +227,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"{summary['avg_bits']:.3f} bits/weight; wrote {args.format} checkpoint {out} "
           f"({_folder_size(out)})" + "".join(f"; {line}" for line in _regrouping(summary)))
     return EXIT_OK
+
+
+def config_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``SignRoundV2Config`` arguments of a parsed ``quantize`` command line (no data yet)."""
+    return {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "iters": args.iters,
+            "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "device": args.device,
+            "avg_bits": args.avg_bits, "bit_options": args.bit_options,
+            "sensitivity_method": args.sensitivity_method, "modules_to_not_convert": args.keep or None,
+            "skip_nonfinite": args.skip_nonfinite}
 
 
 def _local(model: str) -> tuple[Path, ...]:
