@@ -189,6 +189,7 @@ def test_quantize_to_gptq_and_export(llama_dir, tmp_path):
     assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (tmp_path / "gptq" / "model.safetensors").read_bytes()
     summary = inspect_checkpoint(tmp_path / "cli")
     assert summary["format"] == "gptq" and summary["schemes"] == {"W4G32 asym": 14}
+    assert summary["regrouped"] == {} and "written with group size" not in done.stdout  # G32 divides 64 and 128
 
 
 def test_eval(llama_dir, corpus_file, tokenizer):
