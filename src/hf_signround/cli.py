@@ -7,6 +7,9 @@ Commands (``hf-signround COMMAND --help`` lists every option with its default)::
     hf-signround inspect OUT          per-layer bits, sizes and the realised average bits
     hf-signround export CKPT OUT      rewrite a saved hf_signround checkpoint as GPTQ
 
+``--debug`` (tracebacks, debug logs) and ``-q`` (warnings and errors only) go before or after
+COMMAND. Building the parser imports neither torch nor transformers, so ``--help`` is instant.
+
 Exit codes: 0 done; 1 unexpected failure (``--debug`` shows the traceback); 2 an invalid
 option or setting (the message names it and what is allowed), including an OUT that is the
 input, lies inside it, is a file, or is not empty without ``--overwrite``; 3 an input that
