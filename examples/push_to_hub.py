@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hf_signround import SignRoundV2Config
 from hf_signround.assets import calibration_texts, smollm2_path
 from hf_signround.export import export_gptq
+from hf_signround.shards import format_size
 
 log = logging.getLogger("push_to_hub")
 
@@ -71,7 +72,7 @@ def main() -> None:
         else:
             print(f"dry run: would upload to {args.repo}:")
             for f in sorted(folder.iterdir()):
-                print(f"  {f.name:40s} {f.stat().st_size / 2**20:8.2f} MB")
+                print(f"  {f.name:40s} {format_size(f.stat().st_size):>10}")
     # Without --gptq, `model.push_to_hub(args.repo)` does the same in one call.
 
 

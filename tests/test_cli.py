@@ -14,6 +14,8 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,11 +23,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_signround import SignRoundV2Config
 from hf_signround.config import SENSITIVITY_METHODS
-from hf_signround.cli import EXIT_INPUT, EXIT_USAGE, inspect_checkpoint, main
+from hf_signround.cli import EXIT_INPUT, EXIT_USAGE, build_parser, inspect_checkpoint, main
 from hf_signround.evaluation import heldout_windows, perplexity
 from hf_signround.export import export_gptq
 
 IDS = torch.tensor([[1, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -72,6 +75,62 @@ def test_console_script_help_lists_every_option_with_its_default():
     for method in SENSITIVITY_METHODS:
         assert method in out.stdout, method
     assert helps["asym"] == "asymmetric quantization with stored zero points (the default)"
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """--help answers at once: building the parser loads no heavy module (those take seconds)."""
+    child = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(SRC)!r})
+        from hf_signround.cli import main
+        for argv in (["--help"], ["quantize", "--help"], ["eval", "--help"], ["inspect", "--help"],
+                     ["export", "--help"]):
+            try:
+                main(argv)
+            except SystemExit as done:
+                assert done.code == 0, (argv, done.code)
+        heavy = sorted(m for m in ("torch", "transformers", "accelerate") if m in sys.modules)
+        assert not heavy, f"--help imported {{heavy}}"
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "usage: hf-signround export" in done.stdout
+
+
+def test_option_defaults_are_the_config_signature():
+    import inspect
+
+    from hf_signround import cli, config
+
+    params = inspect.signature(SignRoundV2Config.__init__).parameters.values()
+    assert cli._config_defaults() == {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    assert cli._config_source()[1]["SENSITIVITY_METHODS"] == config.SENSITIVITY_METHODS
+
+
+@pytest.mark.parametrize("argv", [["--debug", "-q", "inspect", "x"], ["inspect", "x", "--debug", "-q"],
+                                  ["--debug", "inspect", "x", "-q"], ["quantize", "m", "o", "--quiet", "--debug"],
+                                  ["eval", "m", "-q", "--debug"], ["export", "a", "b", "--debug", "--quiet"]])
+def test_logging_options_go_before_or_after_the_command(argv):
+    args = build_parser().parse_args(argv)
+    assert args.debug is True and args.quiet is True
+
+
+def test_logging_options_default_off():
+    args = build_parser().parse_args(["inspect", "x"])
+    assert args.debug is False and args.quiet is False
+
+
+def test_debug_after_the_command_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    import hf_signround.cli as cli
+
+    def broken(args):
+        raise RuntimeError("something unexpected")
+
+    monkeypatch.setattr(cli, "cmd_inspect", broken)
+    assert main(["inspect", str(tmp_path)]) == 1
+    assert "failed: RuntimeError: something unexpected (run with --debug for the traceback)" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="something unexpected"):
+        main(["inspect", str(tmp_path), "--debug"])
 
 
 def test_quantize_and_inspect(llama_dir, tmp_path):
@@ -130,6 +189,7 @@ def test_quantize_to_gptq_and_export(llama_dir, tmp_path):
     assert (tmp_path / "cli" / "model.safetensors").read_bytes() == (tmp_path / "gptq" / "model.safetensors").read_bytes()
     summary = inspect_checkpoint(tmp_path / "cli")
     assert summary["format"] == "gptq" and summary["schemes"] == {"W4G32 asym": 14}
+    assert summary["regrouped"] == {} and "written with group size" not in done.stdout  # G32 divides 64 and 128
 
 
 def test_eval(llama_dir, corpus_file, tokenizer):
@@ -141,6 +201,43 @@ def test_eval(llama_dir, corpus_file, tokenizer):
     expected = perplexity(AutoModelForCausalLM.from_pretrained(llama_dir), windows)
     assert math.isclose(result["perplexity"], expected, rel_tol=1e-6)
     assert result["tokens_per_second"] > 0
+
+
+def test_eval_prints_the_perplexity_before_generating(llama_dir, corpus_file, capsys, monkeypatch):
+    """A perplexity is never lost to a Ctrl-C during the speed measurement: it is out before generation starts."""
+    from hf_signround import evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "tokens_per_second", interrupted)
+    args = ["eval", str(llama_dir), "--dataset", str(corpus_file), "--windows", "4", "--seqlen", "32"]
+    assert main(args) == 130
+    out = capsys.readouterr()
+    assert re.fullmatch(rf"perplexity \d+\.\d{{3}} on 4 x 32 tokens of {re.escape(str(corpus_file))}\n", out.out), out.out
+    assert out.err.endswith("hf-signround eval: interrupted\n")
+
+    monkeypatch.setattr(evaluation, "tokens_per_second", lambda *a, **kw: 12.345)
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "generation 12.3 tokens/s (32 new tokens, greedy, after 'def fibonacci(n):')"
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_eval_json_is_one_document_with_results_on_stderr_as_they_come(llama_dir, corpus_file, capsys, monkeypatch,
+                                                                        quiet):
+    from hf_signround import evaluation
+
+    monkeypatch.setattr(evaluation, "tokens_per_second", lambda *a, **kw: 12.345)
+    args = ["eval", str(llama_dir), "--dataset", str(corpus_file), "--windows", "4", "--seqlen", "32", "--json"]
+    assert main([*args, *(["-q"] if quiet else [])]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)  # stdout is the JSON document alone
+    assert result["tokens_per_second"] == 12.345
+    results_on_stderr = [line for line in out.err.splitlines() if line.startswith(("perplexity ", "generation "))]
+    assert results_on_stderr == ([] if quiet else [f"perplexity {result['perplexity']:.3f} on 4 x 32 tokens of "
+                                                   f"{corpus_file}", "generation 12.3 tokens/s (32 new tokens, "
+                                                   "greedy, after 'def fibonacci(n):')"])
 
 
 def test_errors_exit_with_their_codes_through_the_process(tmp_path):
@@ -353,3 +450,60 @@ def test_nonfinite_weights_through_the_command_line(tmp_path, capsys):
     assert "quantized 13 layers (13 W4G32 asym)" in capsys.readouterr().out
     saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert BAD not in saved["layer_config"] and saved["skip_nonfinite"] is True
+
+
+def test_everything_the_cli_writes_follows_the_umask(llama_dir, tmp_path):
+    """Readable by other users under umask 022, like any file: safetensors alone would write 0600."""
+    old = os.umask(0o022)
+    try:
+        common = ["-q", "quantize", str(llama_dir), "--iters", "0", "--group-size", "32"]
+        assert main([*common[:3], str(tmp_path / "loaded"), *common[3:]]) == 0
+        assert main([*common[:3], str(tmp_path / "streamed"), *common[3:], "--low-memory"]) == 0
+        assert main([*common[:3], str(tmp_path / "gptq"), *common[3:], "--format", "gptq"]) == 0
+        assert main(["-q", "export", str(tmp_path / "loaded"), str(tmp_path / "exported")]) == 0
+    finally:
+        os.umask(old)
+    for out in ("loaded", "streamed", "gptq", "exported"):
+        paths = [tmp_path / out, *(tmp_path / out).rglob("*")]
+        assert {p.relative_to(tmp_path).as_posix(): oct(p.stat().st_mode & 0o777) for p in paths} == {
+            p.relative_to(tmp_path).as_posix(): "0o755" if p.is_dir() else "0o644" for p in paths}
+
+
+def test_gptq_regrouping_is_said_by_export_quantize_and_inspect(llama_dir, tmp_path, capsys):
+    """At G128 the 64-wide inputs cannot hold a whole group: GPTQ gets G64 there, and every command says so."""
+    from hf_signround.shards import format_size
+
+    line = ("12 layers written with group size 64 (G128 does not divide in_features 64; GPTQ kernels need equal "
+            "groups)")
+    common = ["-q", "quantize", str(llama_dir), "--iters", "0", "--group-size", "128", "--sym"]
+    assert main([*common[:3], str(tmp_path / "ours"), *common[3:]]) == 0
+    assert "written with group size" not in capsys.readouterr().out
+    assert main(["-q", "export", str(tmp_path / "ours"), str(tmp_path / "exported")]) == 0
+    size = format_size((tmp_path / "exported" / "model.safetensors").stat().st_size)
+    assert capsys.readouterr().out == (f"wrote GPTQ checkpoint {tmp_path}/exported ({size}); {line}; 0 zero-point-0 "
+                                       "groups mirrored\n")
+    assert main([*common[:3], str(tmp_path / "gptq"), *common[3:], "--format", "gptq"]) == 0
+    assert capsys.readouterr().out.endswith(f"wrote gptq checkpoint {tmp_path}/gptq ({size}); {line}\n")
+
+    assert main(["inspect", str(tmp_path / "exported")]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].endswith("14 quantized layers (12 W4G64 sym, 2 W4G128 sym), 73,728 weights") and shown[2] == line
+    summary = inspect_checkpoint(tmp_path / "exported")
+    assert sorted(summary["regrouped"]) == sorted(n for n in summary["per_layer"] if "down_proj" not in n)
+    assert set(map(tuple, summary["regrouped"].values())) == {(128, 64)}
+    assert inspect_checkpoint(tmp_path / "ours")["regrouped"] == {}  # ours stores the short last group as it is
+
+
+def test_inspect_lists_layers_in_numeric_order(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=11,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "fp")
+    assert main(["-q", "quantize", str(tmp_path / "fp"), str(tmp_path / "q"), "--iters", "0", "--group-size", "32"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "q"), "--layers"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:78]]
+    blocks = [int(name.split(".")[2]) for name in rows]
+    assert blocks == sorted(blocks) and blocks[:7] == [0] * 7 and blocks[-7:] == [10] * 7
+    assert list(inspect_checkpoint(tmp_path / "q")["per_layer"]) == rows

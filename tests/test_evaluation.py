@@ -107,3 +107,34 @@ def test_tokens_per_second(tiny_llama: LlamaForCausalLM, word_tok: PreTrainedTok
     tps = tokens_per_second(tiny_llama, word_tok, prompt, max_new_tokens=4)
     assert tps > 0 and math.isfinite(tps)
     assert not tiny_llama.training
+
+
+
+@pytest.fixture
+def bars(monkeypatch) -> list[tuple[str, float, float]]:
+    """(description, count, total) of every progress bar evaluation closes."""
+    from tqdm.auto import tqdm
+
+    from hf_signround import evaluation
+
+    closed = []
+
+    class Recording(tqdm):
+        def close(self):
+            if not self.disable:
+                closed.append((self.desc, self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(evaluation, "tqdm", Recording)
+    return closed
+
+
+def test_generation_shows_a_progress_bar_over_the_new_tokens(tiny_llama, word_tok, bars) -> None:
+    prompt = " ".join(word_tok.convert_ids_to_tokens([5, 6, 7]))
+    tokens_per_second(tiny_llama, word_tok, prompt, max_new_tokens=5)
+    assert bars == [("generating", 5, 5)]
+
+
+def test_perplexity_progress_counts_windows(tiny_llama, bars) -> None:
+    perplexity(tiny_llama, torch.randint(0, 64, (5, 8)), batch_size=2)
+    assert bars == [("perplexity", 5, 5)]

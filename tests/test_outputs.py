@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
 from hf_signround.outputs import check_output, staged_output
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for a test: ``umask(0o077)``; the old one comes back afterwards."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
+def modes(folder) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
 
 
 def files(folder) -> dict[str, bytes]:
@@ -124,3 +138,25 @@ def test_a_failed_final_rename_puts_the_old_folder_back(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert files(out) == {"keep": b"old"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_staged_output_gives_everything_the_mode_the_umask_gives(tmp_path, umask, mask):
+    """save_pretrained's safetensors files are 0600 and mkdtemp's folders 0700 whatever the umask: OUT is not."""
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    umask(mask)
+    with staged_output(tmp_path / "out") as stage:
+        save_file({"w": torch.zeros(2)}, stage / "model.safetensors")
+        assert stat.S_IMODE((stage / "model.safetensors").stat().st_mode) == 0o600  # the cause
+        (stage / "config.json").write_text("{}")
+        sub = Path(tempfile.mkdtemp(dir=stage))
+        (sub / "run.sh").write_text("#!/bin/sh\n")
+        (sub / "run.sh").chmod(0o700)
+    out = tmp_path / "out"
+    folder, file, script = 0o777 & ~mask, 0o666 & ~mask, 0o777 & ~mask
+    assert modes(out) == {".": folder, "model.safetensors": file, "config.json": file, sub.name: folder,
+                          f"{sub.name}/run.sh": script}

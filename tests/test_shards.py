@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from hf_signround.shards import CheckpointError, ShardWriter, read_header, size_in_bytes
+from hf_signround.shards import CheckpointError, ShardWriter, format_size, read_header, size_in_bytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool]
@@ -62,6 +62,13 @@ def test_size_parsing():
     assert size_in_bytes("500MB") == 500_000_000 and size_in_bytes("5GB") == 5 * 10**9 and size_in_bytes(7) == 7
     with pytest.raises(ValueError, match="max_shard_size='big': give bytes as an int or a string such as"):
         size_in_bytes("big")
+
+
+@pytest.mark.parametrize("size,text", [(0, "0 B"), (999, "999 B"), (1000, "1.0 kB"), (170_654_321, "170.7 MB"),
+                                       (162_900_000, "162.9 MB"), (5 * 10**9, "5.0 GB")])
+def test_sizes_print_in_decimal_units(size, text):
+    assert format_size(size) == text
+    assert abs(size_in_bytes(text.replace(" ", "")) - size) <= 0.05 * size  # read back as max_shard_size reads it
 
 
 def test_metadata_goes_into_every_shard(tmp_path):

@@ -16,6 +16,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .outputs import follow_umask
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -109,6 +111,7 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
         t0 = time.perf_counter()
         _convert_gguf(gguf, tmp)
         (tmp / _MARKER).write_text(f"converted from {gguf.name}\n", encoding="utf-8")
+        follow_umask(tmp)  # mkdtemp and safetensors make theirs private: a shared cache must be readable
         if target.exists():
             if (target / _MARKER).is_file():
                 # Another process finished first; its result is equivalent.

@@ -7,6 +7,9 @@ Commands (``hf-signround COMMAND --help`` lists every option with its default)::
     hf-signround inspect OUT          per-layer bits, sizes and the realised average bits
     hf-signround export CKPT OUT      rewrite a saved hf_signround checkpoint as GPTQ
 
+``--debug`` (tracebacks, debug logs) and ``-q`` (warnings and errors only) go before or after
+COMMAND. Building the parser imports neither torch nor transformers, so ``--help`` is instant.
+
 Exit codes: 0 done; 1 unexpected failure (``--debug`` shows the traceback); 2 an invalid
 option or setting (the message names it and what is allowed), including an OUT that is the
 input, lies inside it, is a file, or is not empty without ``--overwrite``; 3 an input that
@@ -22,18 +25,20 @@ The quantization defaults are ``SignRoundV2Config``'s; the CLI adds none of its 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import functools
 import importlib.util
 import inspect
 import json
 import logging
+import re
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .outputs import check_output, staged_output
-from .shards import CheckpointError, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +60,43 @@ class CLIError(Exception):
 
 
 def _config_defaults() -> dict[str, Any]:
-    from .config import SignRoundV2Config
+    """``SignRoundV2Config.__init__``'s keyword defaults."""
+    return _config_source()[0]
 
-    params = inspect.signature(SignRoundV2Config.__init__).parameters.values()
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+@functools.cache
+def _config_source() -> tuple[dict[str, Any], dict[str, Any]]:
+    """``SignRoundV2Config.__init__``'s defaults and config.py's module-level constants.
+
+    Read from config.py's source, so that building the parser (``--help``) imports neither
+    transformers nor torch, which config.py imports (seconds of start-up). Should the source
+    stop spelling a default as a literal or a constant, the module is imported instead.
+    """
+    try:
+        return _read_config_source(Path(__file__).with_name("config.py"))
+    except (OSError, SyntaxError, ValueError, KeyError, StopIteration) as err:
+        logger.debug("cannot read the config defaults from config.py's source (%s): importing it", err)
+    from . import config
+
+    params = inspect.signature(config.SignRoundV2Config.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, vars(config)
+
+
+def _read_config_source(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    constants = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            with contextlib.suppress(ValueError):  # not a literal: not a constant the parser needs
+                constants[node.targets[0].id] = ast.literal_eval(node.value)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SignRoundV2Config")
+    init = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "__init__").args
+    positional = [*init.posonlyargs, *init.args]
+    pairs = [*zip(positional[len(positional) - len(init.defaults):], init.defaults),
+             *((a, d) for a, d in zip(init.kwonlyargs, init.kw_defaults) if d is not None)]
+    defaults = {arg.arg: constants[node.id] if isinstance(node, ast.Name) else ast.literal_eval(node)
+                for arg, node in pairs}
+    return defaults, constants
 
 
 def parse_bit_options(text: str) -> list[tuple[int, int]]:
@@ -155,16 +193,10 @@ def _load_model(source: str, **kwargs):
         raise CLIError(f"cannot load model {source!r}: {err}", EXIT_INPUT) from err
 
 
-def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return ""
-
-
 def _folder_size(path: Path) -> str:
-    return _human(sum(f.stat().st_size for f in path.glob("*.safetensors")))
+    from .shards import format_size
+
+    return format_size(sum(f.stat().st_size for f in path.glob("*.safetensors")))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -172,11 +204,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .config import SignRoundV2Config
 
     out = Path(args.out)
-    knobs = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "iters": args.iters,
-             "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "device": args.device,
-             "avg_bits": args.avg_bits, "bit_options": args.bit_options,
-             "sensitivity_method": args.sensitivity_method, "modules_to_not_convert": args.keep or None,
-             "skip_nonfinite": args.skip_nonfinite}
+    knobs = config_knobs(args)
     config = SignRoundV2Config(**knobs)  # bad options fail here, before anything loads
     if config.needs_calibration and args.dataset is None:
         raise CLIError(f"--iters {args.iters} tunes on calibration text (and --avg-bits scores on it): pass "
@@ -199,8 +227,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     summary = inspect_checkpoint(out)
     print(f"quantized {summary['layers']} layers ({_schemes_line(summary)}), realised "
           f"{summary['avg_bits']:.3f} bits/weight; wrote {args.format} checkpoint {out} "
-          f"({_folder_size(out)})")
+          f"({_folder_size(out)})" + "".join(f"; {line}" for line in _regrouping(summary)))
     return EXIT_OK
+
+
+def config_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``SignRoundV2Config`` arguments of a parsed ``quantize`` command line (no data yet)."""
+    return {"bits": args.bits, "group_size": args.group_size, "sym": args.sym, "iters": args.iters,
+            "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed, "device": args.device,
+            "avg_bits": args.avg_bits, "bit_options": args.bit_options,
+            "sensitivity_method": args.sensitivity_method, "modules_to_not_convert": args.keep or None,
+            "skip_nonfinite": args.skip_nonfinite}
 
 
 def _local(model: str) -> tuple[Path, ...]:
@@ -263,18 +300,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
                               n_windows=args.windows, seqlen=args.seqlen)
     result = {"model": args.model, "dataset": args.dataset, "windows": args.windows, "seqlen": args.seqlen,
               "perplexity": perplexity(model, windows, batch_size=args.batch_size)}
+    _result_line(args, f"perplexity {result['perplexity']:.3f} on {args.windows} x {args.seqlen} tokens of "
+                       f"{args.dataset}")
     if args.max_new_tokens > 0:
         result["tokens_per_second"] = tokens_per_second(model, tokenizer, args.prompt, args.max_new_tokens)
+        _result_line(args, f"generation {result['tokens_per_second']:.1f} tokens/s ({args.max_new_tokens} new "
+                           f"tokens, greedy, after {args.prompt!r})")
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        speed = (f"; {result['tokens_per_second']:.1f} tokens/s generating {args.max_new_tokens} tokens"
-                 if "tokens_per_second" in result else "")
-        print(f"perplexity {result['perplexity']:.3f} on {args.windows} x {args.seqlen} tokens of {args.dataset}{speed}")
     return EXIT_OK
 
 
+def _result_line(args: argparse.Namespace, line: str) -> None:
+    """One result, printed the moment it is known: on stdout, or with --json (where stdout holds the
+    JSON document alone, printed at the end) on stderr unless -q."""
+    if not args.json:
+        print(line, flush=True)
+    elif not args.quiet:
+        print(line, file=sys.stderr, flush=True)
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .shards import format_size
+
     summary = inspect_checkpoint(Path(args.out))
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -291,8 +339,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     stored = summary.get("config_realized_avg_bits")
     print(f"realised average {summary['avg_bits']:.4f} bits/weight (codes + scales + zero points)"
           + (f"; allocation target {summary['target_avg_bits']}, recorded {stored}" if stored is not None else ""))
-    print(f"quantized layers {_human(summary['quantized_bytes'])}, whole checkpoint "
-          f"{_human(summary['checkpoint_bytes'])}")
+    for line in _regrouping(summary):
+        print(line)
+    print(f"quantized layers {format_size(summary['quantized_bytes'])}, whole checkpoint "
+          f"{format_size(summary['checkpoint_bytes'])}")
     return EXIT_OK
 
 
@@ -313,9 +363,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         result = export_gptq(model, stage, max_shard_size=args.max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage)
-    print(f"wrote GPTQ checkpoint {out} ({_folder_size(out)}); "
-          f"{len(result.regrouped)} layers regrouped, {result.mirrored_groups} zero-point-0 groups mirrored")
+    regrouped = _regrouping(inspect_checkpoint(out)) or ["every layer keeps its group size"]
+    print(f"wrote GPTQ checkpoint {out} ({_folder_size(out)}); {'; '.join(regrouped)}; "
+          f"{result.mirrored_groups} zero-point-0 groups mirrored")
     return EXIT_OK
+
+
+def _regrouping(summary: dict) -> list[str]:
+    """The line saying which layers a GPTQ export wrote with a smaller group size, if any."""
+    from .export.gptq import describe_regrouping
+
+    regrouped = {name: pair for name, pair in summary["regrouped"].items() if name in summary["per_layer"]}
+    if not regrouped:
+        return []
+    return [describe_regrouping(regrouped, {name: summary["per_layer"][name]["in_features"] for name in regrouped})]
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -358,10 +419,22 @@ def _gptq_loader(folder: Path):
     return AutoRoundConfig(backend="auto" if asym else "auto_round:torch_zp")
 
 
-def _tensor_headers(folder: Path) -> dict[str, tuple[tuple[int, ...], int]]:
-    """name -> (shape, bytes) of every tensor in the folder's safetensors, read from the headers only."""
-    return {name: (info.shape, info.end - info.start)
-            for path in sorted(folder.glob("*.safetensors")) for name, info in read_header(path).tensors.items()}
+def _tensor_headers(folder: Path) -> tuple[dict[str, tuple[tuple[int, ...], int]], dict[str, str]]:
+    """name -> (shape, bytes) of every tensor in the folder's safetensors, and their metadata, read from
+    the headers only."""
+    from .shards import read_header
+
+    tensors, metadata = {}, {}
+    for path in sorted(folder.glob("*.safetensors")):
+        header = read_header(path)
+        tensors.update({name: (info.shape, info.end - info.start) for name, info in header.tensors.items()})
+        metadata.update(header.metadata)
+    return tensors, metadata
+
+
+def _natural(name: str) -> list[str | int]:
+    """Sort key putting model.layers.2 before model.layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def inspect_checkpoint(folder: Path) -> dict[str, Any]:
@@ -377,10 +450,10 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
     method = qc.get("quant_method")
     if method not in ("signround_v2", "gptq"):
         raise CLIError(f"{folder} is quantized with {method!r}; inspect reads signround_v2 and gptq checkpoints")
-    headers = _tensor_headers(folder)
+    headers, metadata = _tensor_headers(folder)
     if not headers:
         raise CLIError(f"{folder} holds no .safetensors files", EXIT_INPUT)
-    layers = sorted({k.rpartition(".")[0] for k in headers if k.endswith(".qweight")})
+    layers = sorted({k.rpartition(".")[0] for k in headers if k.endswith(".qweight")}, key=_natural)
     shapes = _linear_shapes(folder)
     per_layer = {}
     for name in layers:
@@ -389,7 +462,7 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
             spec = {**{key: qc[key] for key in ("bits", "group_size", "sym")}, **qc["layer_config"].get(name, {})}
         else:
             rows, groups = headers[f"{name}.qweight"][0][0], headers[f"{name}.scales"][0][0]
-            spec = _gptq_spec(qc, name, bits=rows * 32 // k, group_size=-1 if groups == 1 else k // groups)
+            spec = _gptq_spec(qc, name, bits=rows * 32 // k, groups=groups, in_features=k)
         size = sum(headers[f"{name}.{t}"][1] for t in ("qweight", "scales", "qzeros") if f"{name}.{t}" in headers)
         per_layer[name] = {**spec, "out_features": n, "in_features": k, "bytes": size, "avg_bits": 8 * size / (n * k)}
     params = sum(r["out_features"] * r["in_features"] for r in per_layer.values())
@@ -400,12 +473,25 @@ def inspect_checkpoint(folder: Path) -> dict[str, Any]:
         schemes[label] = schemes.get(label, 0) + 1
     return {
         "format": "hf_signround" if method == "signround_v2" else "gptq",
-        "layers": len(per_layer), "params": params, "schemes": schemes,
+        "layers": len(per_layer), "params": params,
+        "schemes": dict(sorted(schemes.items(), key=lambda item: -item[1])),  # the most common first
         "avg_bits": 8 * quantized / params if params else 0.0,
         "config_realized_avg_bits": qc.get("realized_avg_bits"), "target_avg_bits": qc.get("avg_bits"),
         "quantized_bytes": quantized, "checkpoint_bytes": sum(b for _, b in headers.values()),
+        "regrouped": _regrouped(metadata) if method == "gptq" else {},
         "per_layer": per_layer,
     }
+
+
+def _regrouped(metadata: dict[str, str]) -> dict[str, list[int]]:
+    """A GPTQ export's layers written with a smaller group size: layer -> [our group size, written one]."""
+    from .export.gptq import REGROUPED_KEY
+
+    try:
+        return json.loads(metadata.get(REGROUPED_KEY, "{}"))
+    except ValueError:  # written by someone else, or damaged: the tensors themselves are what counts
+        logger.warning("ignoring an unreadable %s entry in the safetensors metadata", REGROUPED_KEY)
+        return {}
 
 
 def _linear_shapes(folder: Path) -> dict[str, tuple[int, int]]:
@@ -420,16 +506,19 @@ def _linear_shapes(folder: Path) -> dict[str, tuple[int, int]]:
     return {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _gptq_spec(qc: dict, name: str, bits: int, group_size: int) -> dict:
-    """A GPTQ layer's scheme: bits and group size from its tensors, sym from the first matching rule."""
-    import re
-
-    sym = qc.get("sym", True)
+def _gptq_spec(qc: dict, name: str, bits: int, groups: int, in_features: int) -> dict:
+    """A GPTQ layer's scheme: sym and group size from the first matching rule (else the global ones),
+    bits from its tensors. The tensors hold ``groups`` groups, which cannot tell a group as wide as
+    the layer from one group per channel; a rule the tensors contradict gives way to them."""
+    spec = {"sym": qc.get("sym", True), "group_size": qc.get("group_size", -1)}
     for pattern, override in (qc.get("dynamic") or {}).items():
         if pattern.startswith("+:") and re.match(pattern[2:], name):
-            sym = override.get("sym", sym)
+            spec.update({key: override[key] for key in spec if key in override})
             break
-    return {"bits": bits, "group_size": group_size, "sym": sym}
+    group = spec["group_size"]
+    if groups != (1 if group == -1 else -(-in_features // group)):
+        spec["group_size"] = -1 if groups == 1 else in_features // groups
+    return {"bits": bits, **spec}
 
 
 def _schemes_line(summary: dict) -> str:
@@ -438,19 +527,20 @@ def _schemes_line(summary: dict) -> str:
 
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    from .config import SENSITIVITY_METHODS
-
-    d = _config_defaults()
+    """The command line; building it imports neither torch nor transformers (``--help`` answers at once)."""
+    d, constants = _config_source()
+    SENSITIVITY_METHODS = constants["SENSITIVITY_METHODS"]  # noqa: N806
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="hf-signround", description="Quantize (SignRoundV2), evaluate, inspect and export checkpoints.",
         epilog="exit codes: 0 done, 1 unexpected failure, 2 invalid option or setting, 3 input not found or unreadable",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    _add_logging_options(parser, default=False)
+    common = argparse.ArgumentParser(add_help=False)  # the same options after the command
+    _add_logging_options(common, default=argparse.SUPPRESS)  # absent there: the value given before it stands
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    q = sub.add_parser("quantize", formatter_class=fmt, help="quantize a model and save it",
+    q = sub.add_parser("quantize", parents=[common], formatter_class=fmt, help="quantize a model and save it",
                        description="Quantize MODEL with SignRoundV2 and save the result (plus its tokenizer) to OUT.")
     q.add_argument("model", metavar="MODEL", help="a transformers model folder, a .gguf file, or a hub model id")
     q.add_argument("out", metavar="OUT", help="folder to write the quantized checkpoint to")
@@ -503,8 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", formatter_class=fmt, help="perplexity and generation speed",
-                       description="Perplexity of MODEL on held-out text, and greedy generation tokens/s.")
+    e = sub.add_parser("eval", parents=[common], formatter_class=fmt, help="perplexity and generation speed",
+                       description="Perplexity of MODEL on held-out text, then greedy generation tokens/s; each "
+                                   "is printed as soon as it is known.")
     e.add_argument("model", metavar="MODEL", help="a model folder (float, hf_signround or GPTQ), .gguf file or hub id")
     e.add_argument("--dataset", default="pydocs-heldout",
                    help="text: a file or folder, a hub dataset, or a built-in: " + "; ".join(
@@ -515,10 +606,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompt", default="def fibonacci(n):", help="prompt of the speed measurement")
     e.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated for tokens/s; 0 skips it")
     e.add_argument("--device", default=None, help="device to run on, e.g. cuda or cpu (None: where it loads)")
-    e.add_argument("--json", action="store_true", help="print the results as JSON")
+    e.add_argument("--json", action="store_true",
+                   help="print the results as one JSON document on stdout at the end (each result also goes to "
+                        "stderr as soon as it is known, unless -q)")
     e.set_defaults(func=cmd_eval)
 
-    i = sub.add_parser("inspect", formatter_class=fmt, help="per-layer bits and sizes of a checkpoint",
+    i = sub.add_parser("inspect", parents=[common], formatter_class=fmt, help="per-layer bits and sizes of a checkpoint",
                        description="Bits, group size, bytes per quantized layer and the realised average of OUT "
                                    "(reads config.json and tensor headers only).")
     i.add_argument("out", metavar="OUT", help="an hf_signround or GPTQ checkpoint folder")
@@ -526,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print everything as JSON")
     i.set_defaults(func=cmd_inspect)
 
-    x = sub.add_parser("export", formatter_class=fmt, help="rewrite an hf_signround checkpoint as GPTQ",
+    x = sub.add_parser("export", parents=[common], formatter_class=fmt, help="rewrite an hf_signround checkpoint as GPTQ",
                        description="Convert a saved hf_signround checkpoint to the GPTQ v1 layout, exactly.")
     x.add_argument("checkpoint", metavar="CKPT", help="folder written by `hf-signround quantize` or save_pretrained")
     x.add_argument("out", metavar="OUT", help="folder to write the GPTQ checkpoint to")
@@ -535,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     x.set_defaults(func=cmd_export)
     return parser
+
+
+def _add_logging_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="only warnings and errors on stderr")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -564,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _exit_code(err: Exception) -> int:
     """The exit code of an error the library raised; its message names what to fix."""
+    from .shards import CheckpointError
+
     if isinstance(err, (CheckpointError, OSError)):  # a damaged or mismatched file; a file not found or unreadable
         return EXIT_INPUT
     if isinstance(err, (ValueError, TypeError)):  # config and plan validation: the message names the setting

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria
 
 from .calibration import token_windows
 
@@ -69,9 +70,8 @@ def perplexity(model: Any, windows: torch.Tensor, batch_size: int = 4) -> float:
     nll = 0.0
     count = 0
     try:
-        with torch.no_grad():
-            starts = range(0, windows.shape[0], batch_size)
-            for start in tqdm(starts, desc="perplexity", leave=False):
+        with torch.no_grad(), tqdm(total=windows.shape[0], desc="perplexity", unit="window", leave=False) as bar:
+            for start in range(0, windows.shape[0], batch_size):
                 batch = windows[start : start + batch_size].to(device=device, dtype=torch.long)
                 logits = model(input_ids=batch).logits
                 pred = logits[:, :-1].float()
@@ -80,13 +80,32 @@ def perplexity(model: Any, windows: torch.Tensor, batch_size: int = 4) -> float:
                 # Accumulate on the host in double: many windows of summed NLL lose digits in float32.
                 nll += float(loss.double())
                 count += target.numel()
+                bar.update(batch.shape[0])
     finally:
         model.train(was_training)
     return math.exp(nll / count)
 
 
+class _CountTokens(StoppingCriteria):
+    """Never stops generation; advances a progress bar once per generated token.
+
+    A stopping criterion is called once per decoding step and needs no device synchronisation,
+    unlike a streamer (which copies each token to the host), so the bar leaves the timing as it was.
+    """
+
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        self.bar.update(1)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def tokens_per_second(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> float:
-    """Greedy-generation throughput in new tokens per second (timing only ``generate``)."""
+    """Greedy-generation throughput in new tokens per second (timing only ``generate``).
+
+    A progress bar counts the tokens as they are generated.
+    """
     device = _model_device(model)
     enc = tokenizer(prompt, return_tensors="pt")
     input_ids = enc["input_ids"].to(device)
@@ -99,7 +118,7 @@ def tokens_per_second(model: Any, tokenizer: Any, prompt: str, max_new_tokens: i
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tqdm(total=max_new_tokens, desc="generating", unit="token", leave=False) as bar:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
@@ -109,6 +128,7 @@ def tokens_per_second(model: Any, tokenizer: Any, prompt: str, max_new_tokens: i
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad,
+                stopping_criteria=[_CountTokens(bar)],
             )
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -9,6 +9,9 @@ and moves it into place only when the block finishes: an existing OUT is renamed
 the new folder renamed to OUT, the old one deleted. On any exception, Ctrl-C included,
 the temporary folder is removed and OUT is left exactly as it was. Since the whole folder
 is replaced, no file of an earlier save (a stale shard or shard index) survives in it.
+Before the move every file and folder in it gets the mode the umask gives (``follow_umask``):
+safetensors' ``save_file`` (so ``save_pretrained``) and ``mkdtemp`` create theirs private
+(0600, 0700), which breaks serving the checkpoint as another user.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["check_output", "staged_output"]
+__all__ = ["check_output", "follow_umask", "staged_output"]
 
 
 def check_output(out: str | Path, sources: Iterable[str | Path | None] = (), overwrite: bool = False) -> Path:
@@ -69,13 +72,28 @@ def staged_output(out: str | Path, overwrite: bool = True) -> Iterator[Path]:
         out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    stage.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; OUT should look like any folder made here
     try:
         yield stage
+        follow_umask(stage)
         _replace(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+
+
+def follow_umask(folder: str | Path) -> None:
+    """Give ``folder``, and every file and folder in it, the mode a plain ``open``/``mkdir`` would:
+    ``0o666 & ~umask`` for files (``0o777`` for ones executable by anyone), ``0o777 & ~umask`` for
+    folders. Symbolic links are left alone."""
+    umask = _umask()
+    folder = Path(folder)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(0o777 & ~umask)
+        else:
+            path.chmod((0o777 if path.stat().st_mode & 0o111 else 0o666) & ~umask)
 
 
 def _replace(stage: Path, out: Path) -> None:

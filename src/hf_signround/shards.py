@@ -31,7 +31,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "Header", "SafetensorsFolder", "ShardWriter", "TensorInfo", "read_header",
+__all__ = ["CheckpointError", "Header", "SafetensorsFolder", "ShardWriter", "TensorInfo", "format_size", "read_header",
            "size_in_bytes"]
 
 WEIGHTS = "model.safetensors"
@@ -188,6 +188,15 @@ def size_in_bytes(size: int | str) -> int:
     if not match:
         raise ValueError(f"max_shard_size={size!r}: give bytes as an int or a string such as '500MB' or '5GB'")
     return int(float(match[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match[2]])
+
+
+def format_size(size: int) -> str:
+    """``170_654_321`` -> ``"170.7 MB"``: decimal units (1 MB = 10**6 bytes), the ones ``size_in_bytes``
+    and transformers' ``max_shard_size`` read; every size hf-signround prints goes through here."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
 
 
 class ShardWriter:

@@ -40,12 +40,17 @@ from ..blocks import find_blocks
 from ..outputs import check_output, staged_output
 from ..packing import unpack_qweight_kmajor, unpack_qzeros_nmajor
 from ..qlinear import QuantLinear
-from ..shards import ShardWriter
+from ..shards import ShardWriter, format_size
 from .gptq_pack import pack_gptq_bitstream, pack_gptq_kmajor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GPTQExport", "export_gptq", "gptq_layer_tensors", "gptq_quantization_config"]
+__all__ = ["REGROUPED_KEY", "GPTQExport", "describe_regrouping", "export_gptq", "gptq_layer_tensors",
+           "gptq_quantization_config"]
+
+# In every exported safetensors file's __metadata__: JSON {layer: [our group size, written group size]}
+# for the layers written with a smaller group; GPTQ's config only knows the written one.
+REGROUPED_KEY = "hf_signround_regrouped"
 
 # vLLM fuses these projections into one module and needs one scheme for all of them.
 FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -268,7 +273,7 @@ def _write_gptq(model: nn.Module, qlayers: dict[str, QuantLinear], out: Path, ma
         for key, t in tensors.items():
             writer.add(key, t)
     progress.close()
-    result.files = writer.close()
+    result.files = writer.close({REGROUPED_KEY: json.dumps(result.regrouped)} if result.regrouped else None)
     total = writer.total_bytes
 
     numels = {n: m.in_features * m.out_features for n, m in qlayers.items()}
@@ -282,10 +287,22 @@ def _write_gptq(model: nn.Module, qlayers: dict[str, QuantLinear], out: Path, ma
         model.generation_config.save_pretrained(out)
     result.files += ["config.json", "quantize_config.json"]
     if result.regrouped:
-        logger.info("GPTQ export: %d layers written with a smaller group size (group_size must divide in_features "
-                    "for GPTQ kernels), e.g. %s", len(result.regrouped), next(iter(result.regrouped.items())))
-    logger.info("GPTQ export: %d layers, %.1f MB", len(specs), total / 1e6)
+        in_features = {name: qlayers[name].in_features for name in result.regrouped}
+        logger.info("GPTQ export: %s", describe_regrouping(result.regrouped, in_features))
+    logger.info("GPTQ export: %d layers, %s", len(specs), format_size(total))
     return result
+
+
+def describe_regrouping(regrouped: dict[str, tuple[int, int]], in_features: dict[str, int]) -> str:
+    """``"180 layers written with group size 64 (G128 does not divide in_features 576; GPTQ kernels need equal
+    groups)"``, one clause per (our group size, written group size); ``regrouped``: layer -> that pair."""
+    widths: dict[tuple[int, int], list[int]] = {}
+    for name, pair in regrouped.items():
+        widths.setdefault(tuple(pair), []).append(in_features[name])
+    return "; ".join(
+        f"{len(ks)} layers written with group size {written} (G{ours} does not divide in_features "
+        f"{', '.join(map(str, sorted(set(ks))))}; GPTQ kernels need equal groups)"
+        for (ours, written), ks in widths.items())
 
 
 def gptq_layer_tensors_on_cpu(layer: QuantLinear, name: str) -> tuple[dict[str, torch.Tensor], dict]:
