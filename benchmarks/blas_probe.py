@@ -1,4 +1,4 @@
-"""Would another BLAS make a tuning step faster on this CPU? (issue 3, the time target)
+"""Would another BLAS make a tuning step faster on this CPU? (the tuning-time target)
 
 torch's CPU wheel does its fp32 matrix products in its bundled oneMKL; numpy's wheel
 bundles OpenBLAS. On an AMD CPU oneMKL may not take its fastest code path, so this

@@ -1,6 +1,6 @@
 """Quality and cost of SignRoundV2 on SmolLM2-135M-Instruct, side by side with the reference.
 
-Protocol (issue 3): calibration 32 x 256 tokens drawn with a fixed seed from Python's
+Protocol: calibration 32 x 256 tokens drawn with a fixed seed from Python's
 `library/` docs; perplexity over 40 non-overlapping 512-token windows of the held-out
 `tutorial/` + `howto/` + `faq/` docs; iters 50, batch 8. Every row quantizes a fresh copy
 of the float model with the same calibration windows, and the tuning wall time is
@@ -15,7 +15,7 @@ Rows: `fp`; `rtn-<scheme>` (round-to-nearest); `ours-<scheme>` (tuned); ablation
 exclusion) and `ours-<scheme>-droptopk` (the spec's top-k exclusion, which drops the largest
 errors, instead of our default that counts them linearly); `ar-<scheme>` and `arv2-<scheme>` (auto-round's SignRound and its
 SignRoundV2 `enable_alg_ext`, when `auto-round` is installed). A scheme is
-`W<bits>G<group>-<sym|asym>`. Mixed precision (issue 4): `ours-A<avg>-<options>-<sym|asym>`
+`W<bits>G<group>-<sym|asym>`. Mixed precision: `ours-A<avg>-<options>-<sym|asym>`
 with options such as `W2G64+W4G128` allocates bits by DeltaLoss (16 x 256 scoring windows
 from the calibration text) and dynamic programming under the `avg` budget, then tunes;
 the `-proxy` ablation allocates by the weight-only proxy ||W - Q(W)||^2 instead, and

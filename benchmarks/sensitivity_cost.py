@@ -1,4 +1,4 @@
-"""Cost of the DeltaLoss scoring against one plain forward+backward of the model (issue 4).
+"""Cost of the DeltaLoss scoring against one plain forward+backward of the model.
 
 On SmolLM2-135M-Instruct with 16 x 256 scoring windows from Python's `library/` docs: the
 time of one ordinary training-style forward+backward (weight gradients of every parameter)

@@ -1,4 +1,4 @@
-"""What one tuning step costs, against the CPU's arithmetic floor (issue 3, the time target).
+"""What one tuning step costs, against the CPU's arithmetic floor (the tuning-time target).
 
 On one decoder block of SmolLM2-135M-Instruct (default block 15) at W2G64 symmetric, with
 the quality benchmark's calibration (32 x 256 tokens from Python's `library/` docs, seed

@@ -31,8 +31,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_signround import SignRoundV2Config
 from hf_signround.assets import SMOLLM2_GGUF, calibration_texts, heldout_texts, smollm2_path
-from hf_signround.cli import inspect_checkpoint, parse_bit_options
+from hf_signround.cli import parse_bit_options
 from hf_signround.evaluation import heldout_windows, perplexity
+from hf_signround.inspection import inspect_checkpoint
 from hf_signround.shards import format_size
 
 

@@ -22,10 +22,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_signround import SignRoundV2Config
+from hf_signround.cli import EXIT_INPUT, EXIT_USAGE, build_parser, main
 from hf_signround.config import SENSITIVITY_METHODS
-from hf_signround.cli import EXIT_INPUT, EXIT_USAGE, build_parser, inspect_checkpoint, main
 from hf_signround.evaluation import heldout_windows, perplexity
 from hf_signround.export import export_gptq
+from hf_signround.inspection import inspect_checkpoint
 
 IDS = torch.tensor([[1, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -1,6 +1,6 @@
 """Checkpoint tensor names and checks: the one module that uses transformers' private loading API
-(its renaming rules, ``conversion_mapping`` and ``core_model_loading``; re-check them when
-transformers changes).
+(its renaming rules, ``conversion_mapping``, ``core_model_loading`` and the tied-weight pruning
+of ``modeling_utils``; re-check them when transformers changes).
 
 Check a checkpoint's safetensors against the model they are about to load into, from the headers alone.
 
@@ -36,7 +36,8 @@ from torch import nn
 
 from .shards import TORCH_DTYPES, CheckpointError, Header, TensorInfo, read_header
 
-__all__ = ["LAYOUT_KEY", "check_checkpoint", "checkpoint_renamer", "layout_fingerprint", "stored_names"]
+__all__ = ["LAYOUT_KEY", "check_checkpoint", "checkpoint_renamer", "layout_fingerprint", "stored_names",
+           "untied_state_dict"]
 
 LAYOUT_KEY = "hf_signround_layout"  # in every safetensors file's __metadata__
 PACKED = ("qweight", "qzeros", "scales")
@@ -67,6 +68,13 @@ def stored_names(model: nn.Module, tensors: dict) -> dict:
     from transformers.core_model_loading import revert_weight_conversion
 
     return revert_weight_conversion(model, tensors)
+
+
+def untied_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` less the tied copies ``save_pretrained`` leaves out."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    return remove_tied_weights_from_state_dict(model.state_dict(), model)
 
 
 def layout_fingerprint(layers: Mapping[str, Mapping], scale_dtype: str, format_version: int) -> str:

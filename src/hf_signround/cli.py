@@ -32,7 +32,6 @@ import importlib.util
 import inspect
 import json
 import logging
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -202,6 +201,7 @@ def _folder_size(path: Path) -> str:
 # ----------------------------------------------------------------------------- commands
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .config import SignRoundV2Config
+    from .inspection import inspect_checkpoint
 
     out = Path(args.out)
     knobs = config_knobs(args)
@@ -280,6 +280,8 @@ def _quantize_streaming(source: str, out: Path, config, args: argparse.Namespace
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .inspection import quant_method
+
     from transformers import AutoTokenizer
 
     from .evaluation import heldout_windows, perplexity, tokens_per_second
@@ -290,7 +292,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as err:
             raise CLIError(f"cannot load a tokenizer from {source} ({err}): evaluation needs one", EXIT_INPUT) from err
         load: dict[str, Any] = {"device_map": args.device} if args.device else {}
-        if _quant_method(source) == "gptq":
+        if quant_method(source) == "gptq":
             load["quantization_config"] = _gptq_loader(Path(source))
         model = _load_model(source, **load)
     from .calibration import load_texts
@@ -321,6 +323,8 @@ def _result_line(args: argparse.Namespace, line: str) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspection import inspect_checkpoint
+
     from .shards import format_size
 
     summary = inspect_checkpoint(Path(args.out))
@@ -347,13 +351,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .inspection import inspect_checkpoint, read_config
+
     from .export import export_gptq
 
     source, out = Path(args.checkpoint), Path(args.out)
     if not source.exists():
         raise CLIError(f"{source} not found: give the folder of a checkpoint saved by `hf-signround quantize` or "
                        "save_pretrained", EXIT_INPUT)
-    if (_read_config(source).get("quantization_config") or {}).get("quant_method") != "signround_v2":
+    if (read_config(source).get("quantization_config") or {}).get("quant_method") != "signround_v2":
         raise CLIError(f"{source} is not an hf_signround checkpoint (quantization_config.quant_method is not "
                        "signround_v2): quantize it first with `hf-signround quantize`")
     check_output(out, sources=(source,), overwrite=args.overwrite)
@@ -379,146 +385,23 @@ def _regrouping(summary: dict) -> list[str]:
     return [describe_regrouping(regrouped, {name: summary["per_layer"][name]["in_features"] for name in regrouped})]
 
 
-# ----------------------------------------------------------------------------- inspect
-def _read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise CLIError(f"{folder} holds no config.json: give the folder a quantized checkpoint was saved to",
-                       EXIT_INPUT)
-    try:
-        config = json.loads(path.read_bytes())
-    except ValueError as err:  # JSON or UTF-8
-        raise CLIError(f"{path} is not valid JSON ({err}): the file is damaged; re-download or re-save the "
-                       "checkpoint", EXIT_INPUT) from err
-    if not isinstance(config, dict):
-        raise CLIError(f"{path} is not a JSON object: the file is damaged; re-download or re-save the checkpoint",
-                       EXIT_INPUT)
-    return config
-
-
-def _quant_method(source: str) -> str | None:
-    path = Path(source)
-    if not (path / "config.json").is_file():
-        return None
-    return (_read_config(path).get("quantization_config") or {}).get("quant_method")
-
-
+# ----------------------------------------------------------------------------- helpers
 def _gptq_loader(folder: Path):
     """auto-round's loader for a GPTQ checkpoint on CPU: its torch kernel (symmetric), or auto-round-lib's."""
+    from .inspection import read_config
+
     try:
         import auto_round  # noqa: F401 - the loader behind AutoRoundConfig
         from transformers import AutoRoundConfig
     except ImportError as err:
         raise CLIError("MODEL is a GPTQ checkpoint: evaluating it on CPU needs auto-round "
                        "(pip install auto-round)", EXIT_INPUT) from err
-    qc = _read_config(folder)["quantization_config"]
+    qc = read_config(folder)["quantization_config"]
     asym = not qc.get("sym", True) or any(not r.get("sym", True) for r in (qc.get("dynamic") or {}).values())
     if asym and importlib.util.find_spec("auto_round_kernel") is None:
         raise CLIError("MODEL is an asymmetric GPTQ checkpoint: auto-round runs those on CPU only with "
                        "auto-round-lib (pip install auto-round-lib; x86-64 Linux)", EXIT_INPUT)
     return AutoRoundConfig(backend="auto" if asym else "auto_round:torch_zp")
-
-
-def _tensor_headers(folder: Path) -> tuple[dict[str, tuple[tuple[int, ...], int]], dict[str, str]]:
-    """name -> (shape, bytes) of every tensor in the folder's safetensors, and their metadata, read from
-    the headers only."""
-    from .shards import read_header
-
-    tensors, metadata = {}, {}
-    for path in sorted(folder.glob("*.safetensors")):
-        header = read_header(path)
-        tensors.update({name: (info.shape, info.end - info.start) for name, info in header.tensors.items()})
-        metadata.update(header.metadata)
-    return tensors, metadata
-
-
-def _natural(name: str) -> list[str | int]:
-    """Sort key putting model.layers.2 before model.layers.10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def inspect_checkpoint(folder: Path) -> dict[str, Any]:
-    """Per-layer bits, group size, bytes and the realised average bits of a quantized checkpoint.
-
-    Reads config.json and the safetensors headers only (no weights are loaded); works for
-    hf_signround checkpoints and GPTQ exports.
-    """
-    qc = _read_config(folder).get("quantization_config")
-    if not qc:
-        raise CLIError(f"{folder} holds an unquantized model (config.json has no quantization_config); "
-                       "quantize it with `hf-signround quantize`")
-    method = qc.get("quant_method")
-    if method not in ("signround_v2", "gptq"):
-        raise CLIError(f"{folder} is quantized with {method!r}; inspect reads signround_v2 and gptq checkpoints")
-    headers, metadata = _tensor_headers(folder)
-    if not headers:
-        raise CLIError(f"{folder} holds no .safetensors files", EXIT_INPUT)
-    layers = sorted({k.rpartition(".")[0] for k in headers if k.endswith(".qweight")}, key=_natural)
-    shapes = _linear_shapes(folder)
-    per_layer = {}
-    for name in layers:
-        n, k = shapes[name]
-        if method == "signround_v2":
-            spec = {**{key: qc[key] for key in ("bits", "group_size", "sym")}, **qc["layer_config"].get(name, {})}
-        else:
-            rows, groups = headers[f"{name}.qweight"][0][0], headers[f"{name}.scales"][0][0]
-            spec = _gptq_spec(qc, name, bits=rows * 32 // k, groups=groups, in_features=k)
-        size = sum(headers[f"{name}.{t}"][1] for t in ("qweight", "scales", "qzeros") if f"{name}.{t}" in headers)
-        per_layer[name] = {**spec, "out_features": n, "in_features": k, "bytes": size, "avg_bits": 8 * size / (n * k)}
-    params = sum(r["out_features"] * r["in_features"] for r in per_layer.values())
-    quantized = sum(r["bytes"] for r in per_layer.values())
-    schemes: dict[str, int] = {}
-    for r in per_layer.values():
-        label = f"W{r['bits']}G{r['group_size']} {'sym' if r['sym'] else 'asym'}"
-        schemes[label] = schemes.get(label, 0) + 1
-    return {
-        "format": "hf_signround" if method == "signround_v2" else "gptq",
-        "layers": len(per_layer), "params": params,
-        "schemes": dict(sorted(schemes.items(), key=lambda item: -item[1])),  # the most common first
-        "avg_bits": 8 * quantized / params if params else 0.0,
-        "config_realized_avg_bits": qc.get("realized_avg_bits"), "target_avg_bits": qc.get("avg_bits"),
-        "quantized_bytes": quantized, "checkpoint_bytes": sum(b for _, b in headers.values()),
-        "regrouped": _regrouped(metadata) if method == "gptq" else {},
-        "per_layer": per_layer,
-    }
-
-
-def _regrouped(metadata: dict[str, str]) -> dict[str, list[int]]:
-    """A GPTQ export's layers written with a smaller group size: layer -> [our group size, written one]."""
-    from .export.gptq import REGROUPED_KEY
-
-    try:
-        return json.loads(metadata.get(REGROUPED_KEY, "{}"))
-    except ValueError:  # written by someone else, or damaged: the tensors themselves are what counts
-        logger.warning("ignoring an unreadable %s entry in the safetensors metadata", REGROUPED_KEY)
-        return {}
-
-
-def _linear_shapes(folder: Path) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of every Linear, from the architecture built on the meta device."""
-    from accelerate import init_empty_weights
-    from torch import nn
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(folder)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
-    return {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
-def _gptq_spec(qc: dict, name: str, bits: int, groups: int, in_features: int) -> dict:
-    """A GPTQ layer's scheme: sym and group size from the first matching rule (else the global ones),
-    bits from its tensors. The tensors hold ``groups`` groups, which cannot tell a group as wide as
-    the layer from one group per channel; a rule the tensors contradict gives way to them."""
-    spec = {"sym": qc.get("sym", True), "group_size": qc.get("group_size", -1)}
-    for pattern, override in (qc.get("dynamic") or {}).items():
-        if pattern.startswith("+:") and re.match(pattern[2:], name):
-            spec.update({key: override[key] for key in spec if key in override})
-            break
-    group = spec["group_size"]
-    if groups != (1 if group == -1 else -(-in_features // group)):
-        spec["group_size"] = -1 if groups == 1 else in_features // groups
-    return {"bits": bits, **spec}
 
 
 def _schemes_line(summary: dict) -> str:

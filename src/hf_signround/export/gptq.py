@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..blocks import find_blocks
+from ..checkpoint import untied_state_dict
 from ..outputs import check_output, staged_output
 from ..packing import unpack_qweight_kmajor, unpack_qzeros_nmajor
 from ..qlinear import QuantLinear
@@ -256,9 +257,7 @@ def _write_gptq(model: nn.Module, qlayers: dict[str, QuantLinear], out: Path, ma
     prefix, _ = find_blocks(model)
     float_layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix + ".")]
 
-    from transformers.modeling_utils import remove_tied_weights_from_state_dict
-
-    keep = set(remove_tied_weights_from_state_dict(model.state_dict(), model))
+    keep = set(untied_state_dict(model))
     specs: dict[str, dict] = {}
     result = GPTQExport(out, {}, [])
     progress = tqdm(total=len(qlayers), desc="GPTQ export", unit="layer")
