@@ -50,6 +50,46 @@ def tiny_neox(seed: int = 0) -> GPTNeoXForCausalLM:
 
 ARCHS = {"llama": tiny_llama, "neox": tiny_neox}
 
+_SMALL = dict(vocab_size=64, bos_token_id=1, eos_token_id=1, pad_token_id=2, max_position_embeddings=256)
+_DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_MOE = dict(num_experts_per_tok=2, moe_intermediate_size=64)
+# One tiny model per architecture family the plug-in supports (tests/test_zoo.py): model_type -> config keywords
+ZOO = {
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": {**_DECODER, "head_dim": 16},
+    "gemma2": {**_DECODER, "head_dim": 16},
+    "gemma3_text": {**_DECODER, "head_dim": 16},
+    "olmo2": _DECODER,
+    "starcoder2": _DECODER,
+    "phi3": {**_DECODER, "pad_token_id": 2},
+    "gpt_neox": {**_DECODER, "num_key_value_heads": None, "rotary_pct": 0.5},
+    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64),
+    "falcon": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, new_decoder_architecture=True,
+                   num_kv_heads=2),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
+    "mixtral": {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {**_DECODER, **_MOE, "num_experts": 4, "shared_expert_intermediate_size": 64},
+    "qwen3_moe": {**_DECODER, **_MOE, "num_experts": 4, "head_dim": 16},
+    "olmoe": {**_DECODER, "num_experts": 4, "num_experts_per_tok": 2},
+    "deepseek_v3": {**_DECODER, **_MOE, "num_key_value_heads": 4, "n_routed_experts": 4, "first_k_dense_replace": 1,
+                    "n_group": 1, "topk_group": 1, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 8, "v_head_dim": 16},
+    "gpt_oss": {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
+}
+
+
+def tiny_zoo_model(model_type: str, seed: int = 0):
+    """A random two-block causal LM of ``model_type`` (see ``ZOO``), float32, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kw = {k: v for k, v in {**_SMALL, **ZOO[model_type]}.items() if v is not None}
+    cfg = AutoConfig.for_model(model_type, **kw)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
 
 
 

@@ -96,19 +96,26 @@ def quantizable_layers(model: nn.Module, skip: list[str]) -> dict[str, nn.Linear
     Raises for weight-bearing layers of other types (e.g. GPT-2's ``Conv1D``) that are not
     skipped, so nothing is silently left in full precision.
     """
+    from .convert import convertible, routers
+
     prefix, _ = find_blocks(model)
+    kept = routers(model, prefix)  # mixture-of-experts routing stays in full precision
     layers: dict[str, nn.Linear] = {}
     for name, module in model.named_modules():
-        if not name.startswith(prefix + ".") or matches(name, skip):
+        if not name.startswith(prefix + ".") or matches(name, skip) or any(name == r or name.startswith(r + ".") for r in kept):
             continue
         if isinstance(module, nn.Linear):
             layers[name] = module
         elif _is_unsupported_weight_layer(module):
             short = name[len(prefix) + 1 :].split(".", 1)[-1]
+            how = (" before convert.convert_layers splits it" if convertible(module)
+                   else " (it quantizes torch.nn.Linear layers, fused experts and Conv1D)")
             raise ValueError(
-                f"layer {name} is a {type(module).__name__}, which hf_signround cannot quantize (it quantizes "
-                f"torch.nn.Linear layers); add {short!r} to modules_to_not_convert to keep it in full precision"
+                f"layer {name} is a {type(module).__name__}, which hf_signround cannot quantize{how}; add "
+                f"{short!r} to modules_to_not_convert to keep it in full precision"
             )
+    if kept:
+        logger.info("keeping %d mixture-of-experts routers in full precision (%s, ...)", len(kept), min(kept))
     return layers
 
 
@@ -141,7 +148,9 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
 
     Each window runs alone through the model up to the first block (only the embeddings
     compute), so the extra arguments (rotary embeddings, causal mask, positions) have batch
-    size 1 and broadcast over any batch of windows of the same length.
+    size 1 and broadcast over any batch of windows of the same length. Those that do not
+    broadcast (their dim 0 is batch × something, as Bloom's alibi) are found by one more run
+    with two windows, and marked :class:`PerSample`; ``tuning.BlockCall`` repeats them.
     """
     hidden: list[torch.Tensor] = []
     extra: dict[str, Any] = {}
@@ -164,9 +173,54 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, input_ids: tor
                 model(input_ids=row[None].to(device), use_cache=False)
             except _Captured:
                 pass
+        if len(input_ids) >= 2:  # which extra arguments grow with the batch (Bloom's alibi)?
+            single, hidden_seen = extra.copy(), len(hidden)
+            extra.clear()
+            try:
+                model(input_ids=input_ids[:2].to(device), use_cache=False)
+            except _Captured:
+                pass
+            del hidden[hidden_seen:]
+            extra["args"], extra["kwargs"] = _mark_per_sample((single["args"], single["kwargs"]),
+                                                              (extra["args"], extra["kwargs"]))
     finally:
         handle.remove()
     return torch.cat(hidden), extra["args"], extra["kwargs"]
+
+
+class PerSample:
+    """A captured block argument with one slice per window along dim 0 (Bloom's alibi is
+    (batch·heads, 1, seq)): captured for one window, repeated for a batch of them by
+    :func:`per_batch`."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+def _mark_per_sample(one: Any, two: Any) -> Any:
+    """``one`` (arguments captured for one window) with each tensor whose dim 0 doubles for two
+    windows wrapped in :class:`PerSample`."""
+    if isinstance(one, torch.Tensor):
+        # dim 0 of size 1 broadcasts over any batch already (rotary tables, causal masks)
+        grows = (isinstance(two, torch.Tensor) and one.dim() > 0 and one.shape[0] > 1 and two.dim() == one.dim()
+                 and two.shape[0] == 2 * one.shape[0] and two.shape[1:] == one.shape[1:])
+        return PerSample(one) if grows else one
+    if isinstance(one, (tuple, list)) and isinstance(two, (tuple, list)) and len(one) == len(two):
+        return type(one)(_mark_per_sample(a, b) for a, b in zip(one, two))
+    if isinstance(one, dict) and isinstance(two, dict):
+        return {k: _mark_per_sample(v, two.get(k)) for k, v in one.items()}
+    return one
+
+
+def per_batch(obj: Any, batch: int) -> Any:
+    """``obj`` with each :class:`PerSample` tensor repeated for ``batch`` windows."""
+    if isinstance(obj, PerSample):
+        return obj.tensor.repeat(batch, *[1] * (obj.tensor.dim() - 1))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(per_batch(o, batch) for o in obj)
+    if isinstance(obj, dict):
+        return {k: per_batch(v, batch) for k, v in obj.items()}
+    return obj
 
 
 class ResidentBlocks:
@@ -281,6 +335,8 @@ def to_device(obj: Any, device: torch.device) -> Any:
     """``obj`` with every tensor inside (tuples, lists, dicts) moved to ``device``."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
+    if isinstance(obj, PerSample):
+        return PerSample(obj.tensor.to(device))
     if isinstance(obj, (tuple, list)):
         return type(obj)(to_device(o, device) for o in obj)
     if isinstance(obj, dict):

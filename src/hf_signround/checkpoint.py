@@ -45,15 +45,16 @@ _SHOWN = 5  # problems listed in one error
 _NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
-def checkpoint_renamer(model: nn.Module) -> Callable[[str], tuple[str, bool]]:
+def checkpoint_renamer(model: nn.Module, converters: bool = True) -> Callable[[str], tuple[str, bool]]:
     """Checkpoint tensor name -> (the model's name, whether a converter merges or splits it),
-    by the rules ``from_pretrained`` applies to ``model``."""
+    by the rules ``from_pretrained`` applies to ``model``; ``converters=False``: by its renaming
+    rules alone (the per-expert names of experts ``convert`` split)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)] if converters else []
     meta_state = model.state_dict()
 
     def rename(key: str) -> tuple[str, bool]:

@@ -23,7 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import Allocation, allocate, check_budget, layer_bits, unit_costs
-from .blocks import ResidentBlocks, frozen, nonfinite_counts, quantizable_layers, set_module, warn_other_block_lists
+from .blocks import (ResidentBlocks, find_blocks, frozen, matches, nonfinite_counts, quantizable_layers, set_module,
+                     warn_other_block_lists)
+from .convert import convert_layers, expert_pairs, fill_unrouted_scores, restore_conv1d
 from .config import SignRoundV2Config
 from .qfunc import QuantSpec, quantize_rtn
 from .qlinear import QuantLinear, set_backend
@@ -42,6 +44,7 @@ class BlockReport:
     loss_before: float | None = None  # tuning loss of the first step (the searched or min-max start)
     loss_after: float | None = None  # tuning loss of the kept (lowest) step
     mse_after: float | None = None  # plain MSE of the frozen block over all calibration windows
+    unrouted: list[str] = field(default_factory=list)  # expert layers no calibration token reached
 
 
 @dataclass
@@ -67,8 +70,10 @@ class QuantizationResult:
 
 
 def plan_layers(model: nn.Module, config: SignRoundV2Config, skip: list[str] | tuple[str, ...] = ()) -> dict[str, QuantSpec]:
-    """The QuantSpec of every layer to quantize; raises before anything changes."""
+    """The QuantSpec of every layer to quantize; raises before anything changes but the form of
+    fused experts and Conv1D layers, which become Linears computing the same (``convert``)."""
     skip = list(skip) + list(config.modules_to_not_convert or [])
+    convert_for_plan(model, config, skip)
     layers = quantizable_layers(model, skip)
     if not layers:
         raise ValueError(
@@ -84,6 +89,13 @@ def plan_layers(model: nn.Module, config: SignRoundV2Config, skip: list[str] | t
         )
     # Any group size works: when it does not divide in_features the last group is shorter.
     return {name: QuantSpec(**config.layer_spec(name)) for name in layers}
+
+
+def convert_for_plan(model: nn.Module, config: SignRoundV2Config, skip: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+    """``convert.convert_layers`` on the experts and Conv1D layers of the decoder blocks that
+    ``skip`` and ``config.modules_to_not_convert`` leave to quantize."""
+    skip = list(skip) + list(config.modules_to_not_convert or [])
+    return convert_layers(model, find_blocks(model)[0], wanted=lambda name: not matches(name, skip))
 
 
 def group_by_block(plan: dict[str, QuantSpec], prefix: str) -> dict[int, dict[str, QuantSpec]]:
@@ -219,7 +231,9 @@ def _allocate(source, plan: dict[str, QuantSpec], config: SignRoundV2Config,
     check_budget(shapes, [[n] for n in layers], options, config.avg_bits, scale_bits, pinned)
     units = ([[n for n in group if n in layers] for group in shared_input_groups(source, layers, config.compute_device)]
              if config.tie_fused else [[n] for n in layers])
-    units = [u for u in units if u]
+    paired = expert_pairs(model, layers)  # also experts the probe tokens were not routed to
+    in_pairs = {n for pair in paired for n in pair}
+    units = [u for u in ([n for n in u if n not in in_pairs] for u in units) if u] + (paired if config.tie_fused else [])
     method = config.sensitivity_method
     if method == "weight_error":
         scores = weight_error_scores(source, layers, options, scale_dtype, config.compute_device)
@@ -237,6 +251,9 @@ def _allocate(source, plan: dict[str, QuantSpec], config: SignRoundV2Config,
             anchor = options[int(unit_costs(shapes, units, options, scale_bits).sum(0).argmax())]
         scores = delta_loss_scores(source, layers, options, scoring, batch_size=config.batch_size,
                                    scale_dtype=scale_dtype, device=config.compute_device, anchor=anchor)
+    idle = fill_unrouted_scores(model, scores)
+    if idle:
+        logger.info("%d expert layers received no scoring token; they take their experts' mean scores", len(idle))
     alloc = allocate(shapes, scores, units, options, config.avg_bits, scale_bits, pinned, method)
     logger.info("sensitivity and chosen bits:\n%s", alloc.table())
     return alloc
@@ -271,12 +288,14 @@ def quantize_blocks(source, plan: dict[str, QuantSpec], config: SignRoundV2Confi
             packed, reports[name], fp_in, q_in = quantize_block(block, specs, config, index, call, fp_in, q_in)
             for rel, layer in packed.items():
                 set_module(block, rel, layer)
+            restore_conv1d(block)  # a Conv1D kept in full precision is saved as one
             source.store(index, block)
         report = reports[name]
         if report.loss_after is not None:
             progress.set_postfix_str(f"loss {report.loss_before:.3g} -> {report.loss_after:.3g}")
-            logger.info("block %d/%d: %d layers, loss %.4g (first step) -> %.4g (kept step); frozen block MSE %.4g",
-                        index + 1, len(source), len(specs), report.loss_before, report.loss_after, report.mse_after)
+            logger.info("block %d/%d: %d layers (%d experts' layers without a routed token), loss %.4g (first step) "
+                        "-> %.4g (kept step); frozen block MSE %.4g", index + 1, len(source), len(specs),
+                        len(report.unrouted), report.loss_before, report.loss_after, report.mse_after)
     return reports
 
 
@@ -302,10 +321,19 @@ def quantize_block(block: nn.Module, specs: dict[str, QuantSpec], config: SignRo
         q_out = fp_out if q_in is fp_in else call.batched(block, q_in, config.batch_size)
         return {}, BlockReport(specs), fp_out, q_out
     importance = importance.finish() if importance is not None else None
+    # An expert no calibration token is routed to sees no input: its scale search weighs every
+    # input channel alike, and tuning leaves it at that start (it gets no gradient).
+    idle = sorted(rel for rel in specs if importance is not None and rel not in importance)
+    if idle:
+        logger.info("block %d: %d expert layers received no calibration token (%s, ...): scale search "
+                    "without input weights, no tuning", index, len(idle), idle[0])
     tunables = {}
     for rel, spec in specs.items():
         layer = block.get_submodule(rel)
-        factor = search_factors(layer.weight, spec, importance[rel], scale_dtype) if importance else None
+        factor = None
+        if importance is not None:
+            weights = importance[rel] if rel in importance else torch.ones(layer.in_features, device=layer.weight.device)
+            factor = search_factors(layer.weight, spec, weights, scale_dtype)
         tunables[rel] = TunableLinear(layer, spec, factor, scale_dtype)
     topk = config.topk_exclusion if config.topk_exclusion is not None else min(s.bits for s in specs.values()) < 4
     amp = config.amp and q_in.dtype == torch.float32 and fast_bf16(q_in.device)
@@ -317,7 +345,7 @@ def quantize_block(block: nn.Module, specs: dict[str, QuantSpec], config: SignRo
               for rel, t in tunables.items()}
     with _swapped(block, packed):
         mse, q_out = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
-    return packed, BlockReport(specs, history[0], min(history), mse), fp_out, q_out
+    return packed, BlockReport(specs, history[0], min(history), mse, idle), fp_out, q_out
 
 
 @contextmanager
@@ -356,6 +384,9 @@ class _ImportanceHooks:
 def replace_with_empty_quant_linears(model: nn.Module, config: SignRoundV2Config) -> None:
     """Swap the Linears a checkpoint lists in ``layer_config`` for empty QuantLinears (pre-quantized load)."""
     scale_dtype = getattr(torch, config.scale_dtype)
+    listed = list(config.layer_config)
+    convert_layers(model, find_blocks(model)[0], wanted=lambda name: any(n.startswith(name + ".") or n == name
+                                                                          for n in listed))
     for name in config.layer_config:
         spec = QuantSpec(**config.layer_spec(name))
         try:
@@ -380,3 +411,6 @@ def replace_with_empty_quant_linears(model: nn.Module, config: SignRoundV2Config
             backend=config.backend,
         )
         set_module(model, name, new)
+        # The packed tensors load from the checkpoint (check_checkpoint made sure of it): the parent's
+        # own weight init must not run, as it may reach for the Linear's weight (GPT-2's c_proj).
+        model.get_submodule(name.rpartition(".")[0])._is_hf_initialized = True

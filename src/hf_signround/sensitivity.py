@@ -258,7 +258,7 @@ def _score_by_blocks(source, layers, spec, batches, scale_dtype, device, on_grad
                                                                         None):
                 outs = []
                 for h in hidden.split(sizes):
-                    out = block(h, *call.args, **call.kwargs)
+                    out = call.raw(block, h)
                     tuple_out = isinstance(out, (tuple, list))  # what the head must be handed
                     outs.append(out[0] if tuple_out else out)
                 hidden = torch.cat(outs)

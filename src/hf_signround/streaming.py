@@ -20,8 +20,11 @@ Peak memory ≈ one float block and its quantization temporaries + the calibrati
 activations (and the embeddings and head while windows run through them). The output is an
 ordinary hf_signround checkpoint: ``from_pretrained(out)`` reloads it.
 
-Limits: checkpoint tensor names are mapped to the model's by transformers' renaming rules,
-but checkpoints whose tensors transformers merges or splits while loading are refused, with
+Checkpoint tensor names are mapped to the model's by transformers' renaming rules. Experts
+stored one by one (``experts.{e}.w1``, ``experts.{e}.gate_proj``: what transformers merges into
+fused 3-D tensors while loading) are read one by one into the per-expert layers ``convert``
+makes, and GPT-2's ``Conv1D`` weights are transposed as they are read. Other checkpoints whose
+tensors transformers merges or splits (experts stored fused, as GPT-OSS's) are refused, with
 ``from_pretrained(..., device_map="auto")`` as the way out.
 """
 
@@ -40,7 +43,8 @@ from .checkpoint import LAYOUT_KEY, checkpoint_renamer, config_fingerprint, stor
 from .config import SignRoundV2Config
 from .memory import return_freed_memory
 from .outputs import check_output, staged_output
-from .quantize import QuantizationResult, plan_layers, quantize_source
+from .convert import was_conv1d
+from .quantize import QuantizationResult, convert_for_plan, plan_layers, quantize_source
 from .shards import SafetensorsFolder, ShardWriter
 
 logger = logging.getLogger(__name__)
@@ -55,17 +59,22 @@ class StreamedBlocks:
     def __init__(self, model: nn.Module, folder: SafetensorsFolder, writer: ShardWriter | None = None):
         self.model, self.folder, self.writer = model, folder, writer
         self.prefix, self.blocks = find_blocks(model)
-        rename = checkpoint_renamer(model)
+        rename, plain = checkpoint_renamer(model), checkpoint_renamer(model, converters=False)
+        self.dtypes = {k: t.dtype for k, t in model.state_dict().items()}
         self.files: dict[str, str] = {}  # the model's tensor name -> the checkpoint's
         for key in folder.files:
             name, converted = rename(key)
-            if converted:
-                raise ValueError(
-                    f"checkpoint tensor {key} is converted (merged or split) when {type(model).__name__} loads, which "
-                    "the streaming quantizer does not do: quantize with from_pretrained(..., device_map='auto') instead"
-                )
+            if converted:  # per-expert tensors load as they are into experts convert.py split
+                name = plain(key)[0]
+                if name not in self.dtypes:
+                    raise ValueError(
+                        f"checkpoint tensor {key} is converted (merged or split) when {type(model).__name__} loads, "
+                        "which the streaming quantizer does not do: quantize with from_pretrained(..., "
+                        "device_map='auto') instead"
+                    )
             self.files[name] = key
-        self.dtypes = {k: t.dtype for k, t in model.state_dict().items()}
+        # Linears made from GPT-2's Conv1D: the checkpoint holds their weight transposed
+        self.transposed = {f"{n}.weight" for n, m in model.named_modules() if was_conv1d(m)}
         self.outside = [k for k in self.dtypes if not k.startswith(self.prefix + ".")]
 
     def __len__(self) -> int:
@@ -74,6 +83,8 @@ class StreamedBlocks:
     def read(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Tensors by the model's names, each in the dtype the model holds it in, on ``device``."""
         tensors = self.folder.read([self.files[n] for n in names])
+        for n in self.transposed.intersection(names):
+            tensors[self.files[n]] = tensors[self.files[n]].t().contiguous()
         return {n: tensors[self.files[n]].to(device, self.dtypes[n] if tensors[self.files[n]].is_floating_point() else None)
                 for n in names}
 
@@ -87,9 +98,10 @@ class StreamedBlocks:
         keys = [f"{name}.{k}" for k in block.state_dict()]
         missing = [k for k in keys if k not in self.files]
         if missing:
+            fused = any(".experts." in k for k in missing)
             raise ValueError(f"{self.folder.folder} lacks {missing[:3]}: the streaming quantizer needs checkpoint "
-                             "tensor names that match the model's; quantize with from_pretrained(..., "
-                             "device_map='auto') instead")
+                             f"tensor names that match the model's{' (experts stored one by one)' if fused else ''}; "
+                             "quantize with from_pretrained(..., device_map='auto') instead")
         _assign(block, {k[len(name) + 1 :]: t for k, t in self.read(keys, device).items()})
         try:
             yield block
@@ -173,6 +185,7 @@ def quantize_checkpoint(
     check_output(out, sources=(model_dir,), overwrite=overwrite)
     model, hf_config = _meta_model(model_dir, dtype)
     folder = SafetensorsFolder(model_dir)
+    convert_for_plan(model, config)  # before StreamedBlocks maps the checkpoint's names
     plan = plan_layers(model, config)  # lm_head and embeddings live outside the blocks
     calibration, scoring = calibration_windows(config)
     with staged_output(out, overwrite=overwrite) as stage:

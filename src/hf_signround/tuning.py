@@ -194,8 +194,15 @@ class BlockCall:
     args: tuple
     kwargs: dict[str, Any]
 
+    def raw(self, block: nn.Module, hidden: torch.Tensor):
+        """The block's own output for the windows ``hidden`` (per-window arguments repeated to match)."""
+        from .blocks import per_batch
+
+        args, kwargs = per_batch((self.args, self.kwargs), len(hidden))
+        return block(hidden, *args, **kwargs)
+
     def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        out = block(hidden, *self.args, **self.kwargs)
+        out = self.raw(block, hidden)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     @torch.no_grad()
@@ -258,11 +265,13 @@ def tune_block(
     idx = None
     for step in range(settings.iters):
         idx = next(batches)
-        grads = torch.autograd.grad(loss_on(idx) * LOSS_SCALE, params)
+        # allow_unused: an expert no token of the batch is routed to gets no gradient and stays put
+        grads = torch.autograd.grad(loss_on(idx) * LOSS_SCALE, params, allow_unused=True)
         lr = settings.lr * (1.0 - step / settings.iters)
         with torch.no_grad():
             for p, g in zip(params, grads):
-                p.add_(g.sign_(), alpha=-lr)
+                if g is not None:
+                    p.add_(g.sign_(), alpha=-lr)
         for t in tunables.values():
             t.clamp_()
     if idx is not None:  # the last update's result, on the last batch

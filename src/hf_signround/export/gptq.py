@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..blocks import find_blocks
-from ..checkpoint import untied_state_dict
+from ..checkpoint import stored_names, untied_state_dict
 from ..outputs import check_output, staged_output
 from ..packing import unpack_qweight_kmajor, unpack_qzeros_nmajor
 from ..qlinear import QuantLinear
@@ -255,7 +255,10 @@ def _loaded_from(model: nn.Module) -> Path | None:
 def _write_gptq(model: nn.Module, qlayers: dict[str, QuantLinear], out: Path, max_shard_size: int | str) -> GPTQExport:
     writer = ShardWriter(out, max_shard_size)
     prefix, _ = find_blocks(model)
-    float_layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefix + ".")]
+    # The checkpoint's own names, as save_pretrained writes them (Mixtral's block_sparse_moe.experts.{e}.w1)
+    named = _checkpoint_module_names(model, [prefix, *qlayers])
+    float_layers = [named.get(n, n) for n, m in model.named_modules()
+                    if isinstance(m, nn.Linear) and n.startswith(prefix + ".")]
 
     keep = set(untied_state_dict(model))
     specs: dict[str, dict] = {}
@@ -266,17 +269,17 @@ def _write_gptq(model: nn.Module, qlayers: dict[str, QuantLinear], out: Path, ma
             progress.update()
             result.mirrored_groups += spec.pop("mirrored")
             if spec["group_size"] != qlayers[owner].group_size:
-                result.regrouped[owner] = (qlayers[owner].group_size, spec["group_size"])
-            specs[owner] = spec
+                result.regrouped[named[owner]] = (qlayers[owner].group_size, spec["group_size"])
+            specs[named[owner]] = spec
             tensors = {f"{owner}.{k}": t for k, t in tensors.items()}
-        for key, t in tensors.items():
+        for key, t in stored_names(model, tensors).items():
             writer.add(key, t)
     progress.close()
     result.files = writer.close({REGROUPED_KEY: json.dumps(result.regrouped)} if result.regrouped else None)
     total = writer.total_bytes
 
-    numels = {n: m.in_features * m.out_features for n, m in qlayers.items()}
-    result.quantization_config = gptq_quantization_config(specs, float_layers, numels, prefix)
+    numels = {named[n]: m.in_features * m.out_features for n, m in qlayers.items()}
+    result.quantization_config = gptq_quantization_config(specs, float_layers, numels, named[prefix])
     config = copy.deepcopy(model.config)
     config.quantization_config = result.quantization_config
     config.save_pretrained(out)
@@ -286,10 +289,16 @@ def _write_gptq(model: nn.Module, qlayers: dict[str, QuantLinear], out: Path, ma
         model.generation_config.save_pretrained(out)
     result.files += ["config.json", "quantize_config.json"]
     if result.regrouped:
-        in_features = {name: qlayers[name].in_features for name in result.regrouped}
+        in_features = {named[name]: layer.in_features for name, layer in qlayers.items() if named[name] in result.regrouped}
         logger.info("GPTQ export: %s", describe_regrouping(result.regrouped, in_features))
     logger.info("GPTQ export: %d layers, %s", len(specs), format_size(total))
     return result
+
+
+def _checkpoint_module_names(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """The model's module name -> the checkpoint's (transformers' renaming rules turned back)."""
+    probe = torch.empty(0)
+    return {name: next(iter(stored_names(model, {f"{name}.qweight": probe})))[: -len(".qweight")] for name in names}
 
 
 def describe_regrouping(regrouped: dict[str, tuple[int, int]], in_features: dict[str, int]) -> str:
