@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -127,8 +128,9 @@ class LinearExperts(nn.Module):
     docstring); called as the fused one is, with the hidden states (tokens, H), each token's
     top-k expert indices and their weights. Only experts that receive a token run."""
 
-    def __init__(self, experts: list[Expert], fused: nn.Module):
+    def __init__(self, experts: list[Expert], fused: nn.Module, layout: ExpertsLayout):
         super().__init__()
+        self.layout = layout  # how the checkpoint may store them fused (streaming reads it)
         for e, expert in enumerate(experts):
             self.add_module(str(e), expert)
         self.num_experts = len(experts)
@@ -194,37 +196,73 @@ def _unfuse(fused: nn.Module, names: tuple[str, str, str]) -> LinearExperts:
             "expert weights cannot be split into per-expert layers there: load the model without offloading, or "
             "quantize it block by block with hf-signround quantize --low-memory"
         )
+    layout = ExpertsLayout.of(fused, names)
     params = dict(fused.named_parameters(recurse=False))
-    first = "gate_up_proj" if fused.has_gate else "up_proj"
-    if first not in params or "down_proj" not in params:
-        raise ValueError(f"{type(fused).__name__} has experts parameters {sorted(params)}; hf_signround knows "
-                         f"'{first}' and 'down_proj' (transformers' use_experts_implementation layout)")
-
-    def matrix(name: str, e: int) -> torch.Tensor:  # (out, in)
-        w = params[name][e]
-        w = w.t() if fused.is_transposed else w
-        return w if w.device.type == "meta" else w.detach().clone()
-
-    def bias(name: str, e: int) -> torch.Tensor | None:
-        b = params.get(f"{name}_bias") if fused.has_bias else None
-        return None if b is None else (b[e] if b.device.type == "meta" else b[e].detach().clone())
-
+    missing = [k for k in layout.fused_names() if k not in params]
+    if missing:
+        raise ValueError(f"{type(fused).__name__} has experts parameters {sorted(params)}, not {missing}: hf_signround "
+                         "knows transformers' use_experts_implementation layout")
     experts = []
     for e in range(fused.num_experts):
-        first_w, first_b = matrix(first, e), bias(first, e)
-        gate = None
-        if fused.has_gate:
-            half = first_w.shape[0] // 2
-            if getattr(fused, "is_concatenated", True):
-                pick = (slice(0, half), slice(half, None))
-            else:
-                pick = (slice(0, None, 2), slice(1, None, 2))
-            gate = _linear(first_w[pick[0]].contiguous(), None if first_b is None else first_b[pick[0]].contiguous())
-            up = _linear(first_w[pick[1]].contiguous(), None if first_b is None else first_b[pick[1]].contiguous())
+        tensors = layout.split({k: params[k] for k in layout.fused_names()}, e)
+        linear = {role: _linear(tensors[f"{role}.weight"], tensors.get(f"{role}.bias"))
+                  for role in {k.rpartition(".")[0] for k in tensors}}
+        experts.append(Expert(names, linear.get(names[0]), linear[names[1]], linear[names[2]]))
+    return LinearExperts(experts, fused, layout)
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How a fused experts module stores its experts (the ``use_experts_implementation`` flags)
+    and the per-expert names they are split into."""
+
+    names: tuple[str, str, str]  # gate, up, down
+    has_gate: bool
+    has_bias: bool
+    is_transposed: bool
+    is_concatenated: bool
+
+    @classmethod
+    def of(cls, fused: nn.Module, names: tuple[str, str, str]) -> ExpertsLayout:
+        return cls(names, bool(fused.has_gate), bool(fused.has_bias), bool(fused.is_transposed),
+                   bool(getattr(fused, "is_concatenated", True)))
+
+    def fused_names(self) -> list[str]:
+        first = "gate_up_proj" if self.has_gate else "up_proj"
+        mats = [first, "down_proj"]
+        return mats + ([f"{m}_bias" for m in mats] if self.has_bias else [])
+
+    def split(self, fused: dict[str, torch.Tensor], e: int) -> dict[str, torch.Tensor]:
+        """Expert ``e``'s tensors (``"{name}.weight"`` (out, in), ``"{name}.bias"``) from the fused ones."""
+        gate_name, up_name, down_name = self.names
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t if t.device.type == "meta" else t.detach().clone(memory_format=torch.contiguous_format)
+
+        def matrix(key: str) -> torch.Tensor:
+            w = fused[key][e]
+            return w.t() if self.is_transposed else w
+
+        out = {}
+        first = matrix("gate_up_proj" if self.has_gate else "up_proj")
+        first_bias = fused.get(("gate_up_proj" if self.has_gate else "up_proj") + "_bias") if self.has_bias else None
+        first_bias = None if first_bias is None else first_bias[e]
+        if self.has_gate:
+            half = first.shape[0] // 2
+            picks = ((slice(0, half), slice(half, None)) if self.is_concatenated
+                     else (slice(0, None, 2), slice(1, None, 2)))
+            for name, pick in zip((gate_name, up_name), picks):
+                out[f"{name}.weight"] = take(first[pick])
+                if first_bias is not None:
+                    out[f"{name}.bias"] = take(first_bias[pick])
         else:
-            up = _linear(first_w.contiguous(), first_b)
-        experts.append(Expert(names, gate, up, _linear(matrix("down_proj", e).contiguous(), bias("down_proj", e))))
-    return LinearExperts(experts, fused)
+            out[f"{up_name}.weight"] = take(first)
+            if first_bias is not None:
+                out[f"{up_name}.bias"] = take(first_bias)
+        out[f"{down_name}.weight"] = take(matrix("down_proj"))
+        if self.has_bias:
+            out[f"{down_name}.bias"] = take(fused["down_proj_bias"][e])
+        return out
 
 
 def _conv1d_as_linear(conv: nn.Module) -> nn.Linear:

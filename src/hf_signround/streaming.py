@@ -43,7 +43,7 @@ from .checkpoint import LAYOUT_KEY, checkpoint_renamer, config_fingerprint, stor
 from .config import SignRoundV2Config
 from .memory import return_freed_memory
 from .outputs import check_output, staged_output
-from .convert import was_conv1d
+from .convert import LinearExperts, was_conv1d
 from .quantize import QuantizationResult, convert_for_plan, plan_layers, quantize_source
 from .shards import SafetensorsFolder, ShardWriter
 
@@ -96,18 +96,36 @@ class StreamedBlocks:
     def open(self, index: int, device: torch.device):
         block, name = self.blocks[index], f"{self.prefix}.{index}"
         keys = [f"{name}.{k}" for k in block.state_dict()]
-        missing = [k for k in keys if k not in self.files]
+        tensors = self._fused_experts(block, name, device)  # experts the checkpoint stores fused (GPT-OSS)
+        missing = [k for k in keys if k not in self.files and k[len(name) + 1 :] not in tensors]
         if missing:
-            fused = any(".experts." in k for k in missing)
             raise ValueError(f"{self.folder.folder} lacks {missing[:3]}: the streaming quantizer needs checkpoint "
-                             f"tensor names that match the model's{' (experts stored one by one)' if fused else ''}; "
-                             "quantize with from_pretrained(..., device_map='auto') instead")
-        _assign(block, {k[len(name) + 1 :]: t for k, t in self.read(keys, device).items()})
+                             "tensor names that match the model's; quantize with from_pretrained(..., "
+                             "device_map='auto') instead")
+        tensors.update({k[len(name) + 1 :]: t for k, t in self.read([k for k in keys if k in self.files], device).items()})
+        _assign(block, tensors)
         try:
             yield block
         finally:
             block.to("meta")  # frees the block
             return_freed_memory()
+
+    def _fused_experts(self, block: nn.Module, name: str, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-expert tensors (names inside the block) of the split experts whose checkpoint holds them
+        fused as the original module did (``experts.gate_up_proj``), split as ``convert`` splits them."""
+        out = {}
+        for rel, module in block.named_modules():
+            if not isinstance(module, LinearExperts):
+                continue
+            fused = {k: f"{name}.{rel}.{k}" for k in module.layout.fused_names()}
+            if not all(key in self.files for key in fused.values()):
+                continue  # stored one by one
+            dtype = next(iter(module.parameters())).dtype
+            read = self.folder.read([self.files[key] for key in fused.values()])
+            tensors = {k: read[self.files[key]].to(device, dtype) for k, key in fused.items()}
+            for e in range(module.num_experts):
+                out.update({f"{rel}.{e}.{k}": t for k, t in module.layout.split(tensors, e).items()})
+        return out
 
     def store(self, index: int, block: nn.Module) -> None:
         name = f"{self.prefix}.{index}"
