@@ -128,17 +128,10 @@ def stage_e2e(args, device) -> dict:
     import copy
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_signround import SignRoundV2Config, quantize_model
 
-    hidden, inter, heads, kv, vocab = args.e2e_shape
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                         num_hidden_layers=args.e2e_layers, num_attention_heads=heads, num_key_value_heads=kv,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.float16).eval()
+    model = random_llama(args.e2e_shape, args.e2e_layers, torch.float16, device)
     qmodel = copy.deepcopy(model)
     quantize_model(qmodel, SignRoundV2Config(bits=4, group_size=128, iters=0, device=str(device)))
     out: dict = {"layers": args.e2e_layers, "shape": args.e2e_shape}
@@ -155,6 +148,20 @@ def stage_e2e(args, device) -> dict:
         out[key] = round(a["tokens_per_s"] / b["tokens_per_s"], 3) if "tokens_per_s" in a and "tokens_per_s" in b \
             else None
     return out
+
+
+def random_llama(shape, layers: int, dtype, device):
+    """A random Llama of ``shape`` (hidden, intermediate, heads, kv heads, vocab) on ``device``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, heads, kv, vocab = shape
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def decode_tokens_per_s(model, new_tokens: int, compiled: bool, device) -> dict:
@@ -186,18 +193,11 @@ def stage_tuning(args, device) -> dict:
     import copy
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_signround import SignRoundV2Config, quantize_model
 
-    hidden, inter, heads, kv, vocab = args.e2e_shape
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-                         num_hidden_layers=args.tune_layers, num_attention_heads=heads, num_key_value_heads=kv,
-                         max_position_embeddings=4096, tie_word_embeddings=False)
-    torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
+    model = random_llama(args.e2e_shape, args.tune_layers, dtype, device)
     n, seqlen, iters = args.tune_windows
     windows = torch.randint(100, vocab - 1, (n, seqlen), generator=torch.Generator().manual_seed(0))
     out: dict = {"blocks": args.tune_layers, "iters": iters, "nsamples": n, "seqlen": seqlen, "batch_size": 8,
