@@ -94,3 +94,17 @@ def test_unknown_keys_warn(caplog):
 def test_token_id_dataset_is_not_serialised():
     cfg = SignRoundV2Config(dataset=torch.zeros(4, 16, dtype=torch.long))
     assert "dataset" not in cfg.to_dict()
+
+
+@pytest.mark.parametrize("kw,lr", [
+    ({"bits": 4, "iters": 200}, 1 / 200),
+    ({"bits": 2, "iters": 999}, 1 / 999),
+    ({"bits": 2, "iters": 1000}, 2 / 1000),  # the spec's rule: 2/iters from 1000 steps at 3 bits or fewer
+    ({"bits": 3, "iters": 2000}, 2 / 2000),
+    ({"bits": 4, "iters": 1000}, 1 / 1000),
+    ({"bits": 4, "iters": 1000, "avg_bits": 3.0, "bit_options": [(2, 64), (4, 128)]}, 2 / 1000),
+    ({"bits": 4, "iters": 1000, "avg_bits": 6.0, "bit_options": [(4, 128), (8, 128)]}, 1 / 1000),
+    ({"bits": 2, "iters": 1000, "lr": 5e-3}, 5e-3),
+])
+def test_default_learning_rate_follows_the_spec(kw, lr):
+    assert SignRoundV2Config(**kw).effective_lr == pytest.approx(lr)

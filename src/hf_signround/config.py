@@ -113,8 +113,9 @@ class SignRoundV2Config(QuantizationConfigMixin):
 
     Tuning (spec §3):
         iters: sign-gradient tuning steps per block; 0 means plain round-to-nearest.
-        lr: tuning learning rate; ``None`` means ``1/iters``, the spec's default (its
-            ``2/iters`` for ``iters >= 1000`` at 3 bits or fewer is not applied).
+        lr: tuning learning rate; ``None`` means the spec's default: ``1/iters``, or
+            ``2/iters`` for ``iters >= 1000`` when ``bits <= 3`` (with ``avg_bits``: when
+            any bit option is 3 bits or fewer).
         batch_size: calibration windows per tuning step.
         seed: seeds the calibration window choice and the tuning.
         scale_search: run the activation-weighted pre-tuning scale search (spec §3b) to
@@ -221,7 +222,7 @@ class SignRoundV2Config(QuantizationConfigMixin):
             raise TypeError(f"sym must be True or False, got {self.sym!r}")
         _check_int("iters", self.iters, minimum=0)
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or self.lr <= 0):
-            raise ValueError(f"lr={self.lr!r} must be a positive number, or None for 1/iters")
+            raise ValueError(f"lr={self.lr!r} must be a positive number, or None for the default (1/iters)")
         _check_int("batch_size", self.batch_size, minimum=1)
         _check_int("nsamples", self.nsamples, minimum=1)
         _check_int("seqlen", self.seqlen, minimum=2)
@@ -355,7 +356,10 @@ class SignRoundV2Config(QuantizationConfigMixin):
 
     @property
     def effective_lr(self) -> float:
-        return float(self.lr) if self.lr is not None else 1.0 / max(self.iters, 1)
+        if self.lr is not None:
+            return float(self.lr)
+        low_bits = min([self.bits] if self.avg_bits is None else [b for b, _ in self.options]) <= 3
+        return (2.0 if self.iters >= 1000 and low_bits else 1.0) / max(self.iters, 1)
 
     def layer_spec(self, name: str) -> dict[str, Any]:
         """The (bits, group_size, sym) a layer is quantized with: its override, else the globals."""
