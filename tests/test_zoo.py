@@ -208,3 +208,19 @@ def test_gptq_export_writes_experts_one_by_one_exactly(model_type, saved, tmp_pa
         rules = list(result.quantization_config["dynamic"])
         assert any("block_sparse_moe\\.experts" in rule for rule in rules) and not any("mlp" in rule for rule in rules)
         assert "block_sparse_moe.experts.0.w1" in result.quantization_config["modules_in_block_to_quantize"][0]
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt2"])
+def test_inspect_reads_per_expert_and_conv1d_checkpoints(model_type, saved, tmp_path):
+    from hf_signround.export import export_gptq
+    from hf_signround.inspection import inspect_checkpoint
+
+    root, mixed = saved[model_type]
+    ours = inspect_checkpoint(root / "q")
+    assert ours["layers"] == len(mixed.plan)
+    assert ours["avg_bits"] == pytest.approx(mixed.realized_avg_bits, abs=1e-4)
+    export_gptq(AutoModelForCausalLM.from_pretrained(root / "q"), tmp_path / "gptq")
+    theirs = inspect_checkpoint(tmp_path / "gptq")
+    assert theirs["layers"] == len(mixed.plan)
+    if model_type == "mixtral":  # the checkpoint's own names
+        assert "model.layers.1.block_sparse_moe.experts.2.w2" in ours["per_layer"]

@@ -36,8 +36,8 @@ from torch import nn
 
 from .shards import TORCH_DTYPES, CheckpointError, Header, TensorInfo, read_header
 
-__all__ = ["LAYOUT_KEY", "check_checkpoint", "checkpoint_renamer", "layout_fingerprint", "stored_names",
-           "untied_state_dict"]
+__all__ = ["LAYOUT_KEY", "check_checkpoint", "checkpoint_module_names", "checkpoint_renamer", "layout_fingerprint",
+           "stored_names", "untied_state_dict"]
 
 LAYOUT_KEY = "hf_signround_layout"  # in every safetensors file's __metadata__
 PACKED = ("qweight", "qzeros", "scales")
@@ -69,6 +69,14 @@ def stored_names(model: nn.Module, tensors: dict) -> dict:
     from transformers.core_model_loading import revert_weight_conversion
 
     return revert_weight_conversion(model, tensors)
+
+
+def checkpoint_module_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """The model's module name -> the checkpoint's (``stored_names`` on a module's tensor)."""
+    import torch
+
+    probe = torch.empty(0)
+    return {name: next(iter(stored_names(model, {f"{name}.qweight": probe})))[: -len(".qweight")] for name in names}
 
 
 def untied_state_dict(model: nn.Module) -> dict:

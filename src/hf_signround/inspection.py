@@ -121,15 +121,23 @@ def _regrouped(metadata: dict[str, str]) -> dict[str, list[int]]:
 
 
 def _linear_shapes(folder: Path) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of every Linear, from the architecture built on the meta device."""
+    """(out_features, in_features) of every Linear under the checkpoint's names, from the architecture
+    built on the meta device (fused experts and Conv1D split into Linears as quantizing does)."""
     from accelerate import init_empty_weights
     from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .blocks import find_blocks
+    from .checkpoint import checkpoint_module_names
+    from .convert import convert_layers
+
     config = AutoConfig.from_pretrained(folder)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
-    return {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    convert_layers(model, find_blocks(model)[0])
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    stored = checkpoint_module_names(model, linears)
+    return {stored[name]: (m.out_features, m.in_features) for name, m in linears.items()}
 
 
 def _gptq_spec(qc: dict, name: str, bits: int, groups: int, in_features: int) -> dict:

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..blocks import find_blocks
-from ..checkpoint import stored_names, untied_state_dict
+from ..checkpoint import checkpoint_module_names, stored_names, untied_state_dict
 from ..outputs import check_output, staged_output
 from ..packing import unpack_qweight_kmajor, unpack_qzeros_nmajor
 from ..qlinear import QuantLinear
@@ -256,7 +256,7 @@ def _write_gptq(model: nn.Module, qlayers: dict[str, QuantLinear], out: Path, ma
     writer = ShardWriter(out, max_shard_size)
     prefix, _ = find_blocks(model)
     # The checkpoint's own names, as save_pretrained writes them (Mixtral's block_sparse_moe.experts.{e}.w1)
-    named = _checkpoint_module_names(model, [prefix, *qlayers])
+    named = checkpoint_module_names(model, [prefix, *qlayers])
     float_layers = [named.get(n, n) for n, m in model.named_modules()
                     if isinstance(m, nn.Linear) and n.startswith(prefix + ".")]
 
@@ -293,12 +293,6 @@ def _write_gptq(model: nn.Module, qlayers: dict[str, QuantLinear], out: Path, ma
         logger.info("GPTQ export: %s", describe_regrouping(result.regrouped, in_features))
     logger.info("GPTQ export: %d layers, %s", len(specs), format_size(total))
     return result
-
-
-def _checkpoint_module_names(model: nn.Module, names: list[str]) -> dict[str, str]:
-    """The model's module name -> the checkpoint's (transformers' renaming rules turned back)."""
-    probe = torch.empty(0)
-    return {name: next(iter(stored_names(model, {f"{name}.qweight": probe})))[: -len(".qweight")] for name in names}
 
 
 def describe_regrouping(regrouped: dict[str, tuple[int, int]], in_features: dict[str, int]) -> str:
