@@ -224,3 +224,26 @@ def test_inspect_reads_per_expert_and_conv1d_checkpoints(model_type, saved, tmp_
     assert theirs["layers"] == len(mixed.plan)
     if model_type == "mixtral":  # the checkpoint's own names
         assert "model.layers.1.block_sparse_moe.experts.2.w2" in ours["per_layer"]
+
+
+@pytest.mark.parametrize("model_type,where", [("qwen3_moe", "model.layers.0.mlp.experts.1.down_proj"),
+                                              ("mixtral", "model.layers.0.mlp.experts.1.w2"),
+                                              ("gpt2", "transformer.h.0.attn.c_attn")])
+def test_layers_kept_in_float_inside_split_modules_reload(model_type, where, tmp_path):
+    # skip_nonfinite keeps one expert projection (or Conv1D) float inside a split module: it is
+    # saved under its per-expert name (a Conv1D as a Conv1D again) and reloads as it was
+    model = tiny_zoo_model(model_type)
+    with torch.no_grad():
+        if model_type == "gpt2":
+            model.transformer.h[0].attn.c_attn.weight[0, 0] = float("inf")
+        else:
+            model.model.layers[0].mlp.experts.down_proj[1, 0, 0] = float("inf")
+    model.save_pretrained(tmp_path / "fp")
+    cfg = SignRoundV2Config(bits=4, group_size=32, iters=0, skip_nonfinite=True)
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg)
+    assert where not in quantized.hf_quantizer.result.plan and len(quantized.hf_quantizer.result.plan) > 1
+    kept = quantized.get_submodule(where).weight
+    quantized.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert type(again.get_submodule(where)) is type(quantized.get_submodule(where))
+    assert torch.equal(again.get_submodule(where).weight, kept) and torch.isinf(kept).sum() == 1

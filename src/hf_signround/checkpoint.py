@@ -45,20 +45,24 @@ _SHOWN = 5  # problems listed in one error
 _NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 
-def checkpoint_renamer(model: nn.Module, converters: bool = True) -> Callable[[str], tuple[str, bool]]:
+def checkpoint_renamer(model: nn.Module) -> Callable[[str], tuple[str, bool]]:
     """Checkpoint tensor name -> (the model's name, whether a converter merges or splits it),
-    by the rules ``from_pretrained`` applies to ``model``; ``converters=False``: by its renaming
-    rules alone (the per-expert names of experts ``convert`` split)."""
+    by the rules ``from_pretrained`` applies to ``model`` (``SignRoundV2HfQuantizer`` drops the
+    converters that would merge the per-expert tensors of experts ``convert`` split)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)] if converters else []
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
     meta_state = model.state_dict()
 
     def rename(key: str) -> tuple[str, bool]:
         name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)
+        if converted is not None:  # per-expert tensors of experts convert.py split load as they are
+            plain, _ = rename_source_key(key, renamings, [], model.base_model_prefix, meta_state)
+            if plain in meta_state:
+                return plain, False
         return name, converted is not None
 
     return rename
@@ -77,6 +81,22 @@ def checkpoint_module_names(model: nn.Module, names: Iterable[str]) -> dict[str,
 
     probe = torch.empty(0)
     return {name: next(iter(stored_names(model, {f"{name}.qweight": probe})))[: -len(".qweight")] for name in names}
+
+
+def without_merges_into_split_experts(conversions: list, model: nn.Module) -> list:
+    """``conversions`` less the converters whose target ``model`` does not have because ``convert``
+    split it (``experts.gate_up_proj``): the per-expert tensors they would merge load as they are."""
+    from transformers.core_model_loading import WeightConverter
+
+    params = "\n".join(name for name, _ in model.named_parameters())
+
+    def split_target(t) -> bool:
+        targets = getattr(t, "_original_target_patterns", t.target_patterns)
+        return isinstance(t, WeightConverter) and all(
+            re.search(r"experts\.(gate_up_proj|up_proj|down_proj)$", p) and not re.search(f"{p}$", params, re.M)
+            for p in targets)
+
+    return [t for t in conversions if not split_target(t)]
 
 
 def untied_state_dict(model: nn.Module) -> dict:

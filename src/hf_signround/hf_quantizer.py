@@ -21,7 +21,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .blocks import find_blocks
 from .calibration import calibration_windows, is_token_ids
-from .checkpoint import LAYOUT_KEY, check_checkpoint, config_fingerprint
+from .checkpoint import LAYOUT_KEY, check_checkpoint, config_fingerprint, without_merges_into_split_experts
 from .config import QUANT_METHOD, SignRoundV2Config
 from .qlinear import prepare_model
 from .quantize import quantize_model, replace_with_empty_quant_linears
@@ -78,6 +78,11 @@ class SignRoundV2HfQuantizer(HfQuantizer):
         self.result = quantize_model(model, config, calibration, skip=skip, scoring=scoring)
         config.record(self.result)  # the keys save_pretrained writes into config.json
         return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        # A saved checkpoint stores experts one by one (convert.py): nothing may merge them on reload.
+        conversions = super().update_weight_conversions(weight_conversions, model)
+        return without_merges_into_split_experts(conversions, model) if self.pre_quantized else conversions
 
     def get_state_dict_and_metadata(self, model) -> tuple[None, dict[str, str]]:
         # Every safetensors file carries the layout its packed tensors were written with.

@@ -59,19 +59,17 @@ class StreamedBlocks:
     def __init__(self, model: nn.Module, folder: SafetensorsFolder, writer: ShardWriter | None = None):
         self.model, self.folder, self.writer = model, folder, writer
         self.prefix, self.blocks = find_blocks(model)
-        rename, plain = checkpoint_renamer(model), checkpoint_renamer(model, converters=False)
+        rename = checkpoint_renamer(model)  # per-expert tensors map onto the experts convert.py split
         self.dtypes = {k: t.dtype for k, t in model.state_dict().items()}
         self.files: dict[str, str] = {}  # the model's tensor name -> the checkpoint's
         for key in folder.files:
             name, converted = rename(key)
-            if converted:  # per-expert tensors load as they are into experts convert.py split
-                name = plain(key)[0]
-                if name not in self.dtypes:
-                    raise ValueError(
-                        f"checkpoint tensor {key} is converted (merged or split) when {type(model).__name__} loads, "
-                        "which the streaming quantizer does not do: quantize with from_pretrained(..., "
-                        "device_map='auto') instead"
-                    )
+            if converted:
+                raise ValueError(
+                    f"checkpoint tensor {key} is converted (merged or split) when {type(model).__name__} loads, "
+                    "which the streaming quantizer does not do: quantize with from_pretrained(..., "
+                    "device_map='auto') instead"
+                )
             self.files[name] = key
         # Linears made from GPT-2's Conv1D: the checkpoint holds their weight transposed
         self.transposed = {f"{n}.weight" for n, m in model.named_modules() if was_conv1d(m)}
