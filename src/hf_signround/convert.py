@@ -307,12 +307,14 @@ def convert_layers(model: nn.Module, prefix: str, wanted=lambda name: True) -> d
 
     names = expert_names(model)
     converted = {}
-    for name, module in list(model.named_modules()):
-        if not name.startswith(prefix + ".") or not convertible(module) or not wanted(name):
-            continue
+    # By name, so each fused module is released once replaced: one module's copy at a time
+    todo = [n for n, m in model.named_modules() if n.startswith(prefix + ".") and convertible(m) and wanted(n)]
+    for name in todo:
+        module = model.get_submodule(name)
         experts = is_fused_experts(module)
         set_module(model, name, _unfuse(module, names) if experts else _conv1d_as_linear(module))
         converted[name] = "experts" if experts else "conv1d"
+        del module
     if converted:
         logger.info("%d experts or Conv1D modules computed by Linear layers (%s, ...)", len(converted), next(iter(converted)))
     return converted
