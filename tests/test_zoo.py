@@ -247,3 +247,27 @@ def test_layers_kept_in_float_inside_split_modules_reload(model_type, where, tmp
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert type(again.get_submodule(where)) is type(quantized.get_submodule(where))
     assert torch.equal(again.get_submodule(where).weight, kept) and torch.isinf(kept).sum() == 1
+
+
+def test_a_vision_language_model_quantizes_its_language_blocks(tmp_path, caplog):
+    from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
+        LlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, image_token_index=100)) \
+        .save_pretrained(tmp_path / "fp")
+    with caplog.at_level("WARNING", logger="hf_signround.blocks"):
+        model = AutoModelForImageTextToText.from_pretrained(
+            tmp_path / "fp", quantization_config=SignRoundV2Config(bits=4, group_size=32, iters=0))
+    assert "leaves model.vision_tower.encoder.layers in full precision" in caplog.text
+    plan = model.hf_quantizer.result.plan
+    assert len(plan) == 14 and all(n.startswith("model.language_model.layers.") for n in plan)
+    ids = torch.randint(0, 99, (1, 16))
+    model.save_pretrained(tmp_path / "q")
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
