@@ -25,7 +25,8 @@ from hf_signround.streaming import quantize_checkpoint
 from tests.tiny import ZOO, tiny_zoo_model
 
 ROOT = Path(__file__).resolve().parents[1]
-MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss", "phimoe", "granitemoe", "minimax",
+       "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe"}
 PACKED = ("qweight", "qzeros", "scales")
 
 

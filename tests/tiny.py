@@ -78,6 +78,12 @@ ZOO = {
                     "n_group": 1, "topk_group": 1, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
                     "qk_nope_head_dim": 8, "v_head_dim": 16},
     "gpt_oss": {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
+    "phimoe": {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "granitemoe": {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "minimax": {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 16},
+    "ernie4_5_moe": {**_DECODER, "moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32},
+    "glm4_moe": {**_DECODER, **_MOE, "n_routed_experts": 4, "first_k_dense_replace": 0, "head_dim": 16},
+    "hunyuan_v1_moe": {**_DECODER, "num_experts": 4, "moe_topk": 2, "head_dim": 16},
 }
 
 

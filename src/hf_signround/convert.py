@@ -19,7 +19,8 @@ serves them all:
 
 Found by structure (3-D parameters and the decorator's flags, a ``weight`` of ``num_experts``
 rows), not by model names. Tested on Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3,
-GPT-OSS and GPT-2 (``tests/test_zoo.py``).
+GPT-OSS, PhiMoE, GraniteMoE, MiniMax, ERNIE-4.5-MoE, GLM-4-MoE, HunYuan-MoE and GPT-2
+(``tests/test_zoo.py``).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def convertible(module: nn.Module) -> bool:
 
 
 def routers(model: nn.Module, prefix: str) -> set[str]:
-    """Names of the routing layers under ``prefix``: a module beside an experts module whose
-    weight has ``num_experts`` rows, or a single one (a shared expert's gate)."""
+    """Names of the routing modules under ``prefix``: a module beside an experts module holding a
+    weight matrix (its own or a child's: HunYuan's ``gate.wg``) of ``num_experts`` rows, or of a
+    single row (a shared expert's gate), and little else."""
     found = set()
     for name, module in model.named_modules():
         if not name.startswith(prefix + ".") or not (is_fused_experts(module) or isinstance(module, LinearExperts)):
@@ -65,9 +67,12 @@ def routers(model: nn.Module, prefix: str) -> set[str]:
         parent_name = name.rpartition(".")[0]
         parent = model.get_submodule(parent_name)
         for child_name, child in parent.named_children():
-            weight = getattr(child, "weight", None)
-            if child is not module and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
-                    and weight.shape[0] in (module.num_experts, 1):
+            if child is module:
+                continue
+            params = list(child.parameters())
+            rows = [p for p in params if p.dim() == 2 and p.shape[0] in (module.num_experts, 1)]
+            # small besides that matrix (ERNIE's score-correction statistics), unlike a shared expert
+            if rows and sum(p.numel() for p in params) <= 2 * max(p.numel() for p in rows) + module.num_experts:
                 found.add(f"{parent_name}.{child_name}")
     return found
 
