@@ -272,3 +272,18 @@ def test_a_vision_language_model_quantizes_its_language_blocks(tmp_path, caplog)
     again = AutoModelForImageTextToText.from_pretrained(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("tie_fused", [True, False])
+def test_every_expert_layer_is_allocated(tie_fused):
+    # units come from shared_input_groups; experts the probe tokens skip are paired by structure, and
+    # with tie_fused=False every layer is its own unit
+    model = tiny_zoo_model("mixtral")
+    cfg = SignRoundV2Config(bits=4, group_size=32, iters=0, avg_bits=3.0, bit_options=[(2, 32), (4, 32)],
+                            tie_fused=tie_fused, sensitivity_method="weight_error")
+    result = quantize_model(model, cfg)
+    assert set(result.allocation.specs) == set(result.plan)
+    assert sum(".experts." in n for n in result.plan) == 2 * 4 * 3 and result.realized_avg_bits <= 3.0
+    if tie_fused:
+        assert all(result.plan[f"{e}.w1"] == result.plan[f"{e}.w3"]
+                   for e in {n.rpartition(".")[0] for n in result.plan if ".experts." in n})

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .allocation import Allocation, allocate, check_budget, layer_bits, unit_costs
 from .blocks import (ResidentBlocks, find_blocks, frozen, matches, nonfinite_counts, quantizable_layers, set_module,
                      warn_other_block_lists)
-from .convert import convert_layers, expert_pairs, fill_unrouted_scores, restore_conv1d
+from .convert import convert_layers, fill_unrouted_scores, restore_conv1d
 from .config import SignRoundV2Config
 from .qfunc import QuantSpec, quantize_rtn
 from .qlinear import QuantLinear, set_backend
@@ -73,7 +73,7 @@ def plan_layers(model: nn.Module, config: SignRoundV2Config, skip: list[str] | t
     """The QuantSpec of every layer to quantize; raises before anything changes but the form of
     fused experts and Conv1D layers, which become Linears computing the same (``convert``)."""
     skip = list(skip) + list(config.modules_to_not_convert or [])
-    convert_for_plan(model, config, skip)
+    convert_layers(model, find_blocks(model)[0], wanted=lambda name: not matches(name, skip))
     layers = quantizable_layers(model, skip)
     if not layers:
         raise ValueError(
@@ -89,13 +89,6 @@ def plan_layers(model: nn.Module, config: SignRoundV2Config, skip: list[str] | t
         )
     # Any group size works: when it does not divide in_features the last group is shorter.
     return {name: QuantSpec(**config.layer_spec(name)) for name in layers}
-
-
-def convert_for_plan(model: nn.Module, config: SignRoundV2Config, skip: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
-    """``convert.convert_layers`` on the experts and Conv1D layers of the decoder blocks that
-    ``skip`` and ``config.modules_to_not_convert`` leave to quantize."""
-    skip = list(skip) + list(config.modules_to_not_convert or [])
-    return convert_layers(model, find_blocks(model)[0], wanted=lambda name: not matches(name, skip))
 
 
 def group_by_block(plan: dict[str, QuantSpec], prefix: str) -> dict[int, dict[str, QuantSpec]]:
@@ -231,9 +224,7 @@ def _allocate(source, plan: dict[str, QuantSpec], config: SignRoundV2Config,
     check_budget(shapes, [[n] for n in layers], options, config.avg_bits, scale_bits, pinned)
     units = ([[n for n in group if n in layers] for group in shared_input_groups(source, layers, config.compute_device)]
              if config.tie_fused else [[n] for n in layers])
-    paired = expert_pairs(model, layers)  # also experts the probe tokens were not routed to
-    in_pairs = {n for pair in paired for n in pair}
-    units = [u for u in ([n for n in u if n not in in_pairs] for u in units) if u] + (paired if config.tie_fused else [])
+    units = [u for u in units if u]
     method = config.sensitivity_method
     if method == "weight_error":
         scores = weight_error_scores(source, layers, options, scale_dtype, config.compute_device)

@@ -46,6 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import frozen
+from .convert import expert_pairs
 from .qfunc import QuantSpec, fake_quantize
 from .scale_search import search_factors
 
@@ -329,7 +330,10 @@ def shared_input_groups(source, layers: dict[str, nn.Linear], device: torch.devi
     for index in range(max(per_block, default=-1) + 1):
         with source.open(index, device) as block, watcher.watch(per_block.get(index, {})):
             hidden = call(block, hidden)
-    return watcher.groups
+    # Experts the probe tokens were not routed to never ran: their gate and up read one input all the same
+    pairs = expert_pairs(source.model, [n for n in layers if n not in watcher.seen])
+    paired = {n for pair in pairs for n in pair}
+    return [group for group in watcher.groups if group[0] not in paired] + pairs
 
 
 class _SharedInputs:

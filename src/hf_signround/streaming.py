@@ -23,8 +23,9 @@ ordinary hf_signround checkpoint: ``from_pretrained(out)`` reloads it.
 Checkpoint tensor names are mapped to the model's by transformers' renaming rules. Experts
 stored one by one (``experts.{e}.w1``, ``experts.{e}.gate_proj``: what transformers merges into
 fused 3-D tensors while loading) are read one by one into the per-expert layers ``convert``
-makes, and GPT-2's ``Conv1D`` weights are transposed as they are read. Other checkpoints whose
-tensors transformers merges or splits (experts stored fused, as GPT-OSS's) are refused, with
+makes; experts stored fused (GPT-OSS's ``experts.gate_up_proj``) are split as they are read,
+as ``convert`` splits them, and GPT-2's ``Conv1D`` weights are transposed as they are read.
+Other checkpoints whose tensors transformers merges or splits while loading are refused, with
 ``from_pretrained(..., device_map="auto")`` as the way out.
 """
 
@@ -44,7 +45,7 @@ from .config import SignRoundV2Config
 from .memory import return_freed_memory
 from .outputs import check_output, staged_output
 from .convert import LinearExperts, was_conv1d
-from .quantize import QuantizationResult, convert_for_plan, plan_layers, quantize_source
+from .quantize import QuantizationResult, plan_layers, quantize_source
 from .shards import SafetensorsFolder, ShardWriter
 
 logger = logging.getLogger(__name__)
@@ -201,8 +202,7 @@ def quantize_checkpoint(
     check_output(out, sources=(model_dir,), overwrite=overwrite)
     model, hf_config = _meta_model(model_dir, dtype)
     folder = SafetensorsFolder(model_dir)
-    convert_for_plan(model, config)  # before StreamedBlocks maps the checkpoint's names
-    plan = plan_layers(model, config)  # lm_head and embeddings live outside the blocks
+    plan = plan_layers(model, config)  # splits experts and Conv1D; lm_head and embeddings live outside the blocks
     calibration, scoring = calibration_windows(config)
     with staged_output(out, overwrite=overwrite) as stage:
         writer = ShardWriter(stage, max_shard_size)
