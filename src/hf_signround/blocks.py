@@ -100,9 +100,10 @@ def quantizable_layers(model: nn.Module, skip: list[str]) -> dict[str, nn.Linear
 
     prefix, _ = find_blocks(model)
     kept = routers(model, prefix)  # mixture-of-experts routing stays in full precision
+    skip = [*skip, *kept]
     layers: dict[str, nn.Linear] = {}
     for name, module in model.named_modules():
-        if not name.startswith(prefix + ".") or matches(name, skip) or any(name == r or name.startswith(r + ".") for r in kept):
+        if not name.startswith(prefix + ".") or matches(name, skip):
             continue
         if isinstance(module, nn.Linear):
             layers[name] = module

@@ -36,8 +36,8 @@ from torch import nn
 
 from .shards import TORCH_DTYPES, CheckpointError, Header, TensorInfo, read_header
 
-__all__ = ["LAYOUT_KEY", "check_checkpoint", "checkpoint_module_names", "checkpoint_renamer", "layout_fingerprint",
-           "stored_names", "untied_state_dict"]
+__all__ = ["LAYOUT_KEY", "check_checkpoint", "checkpoint_module_names", "checkpoint_renamer", "expert_checkpoint_names",
+           "layout_fingerprint", "stored_names", "untied_state_dict", "without_merges_into_split_experts"]
 
 LAYOUT_KEY = "hf_signround_layout"  # in every safetensors file's __metadata__
 PACKED = ("qweight", "qzeros", "scales")
@@ -81,6 +81,31 @@ def checkpoint_module_names(model: nn.Module, names: Iterable[str]) -> dict[str,
 
     probe = torch.empty(0)
     return {name: next(iter(stored_names(model, {f"{name}.qweight": probe})))[: -len(".qweight")] for name in names}
+
+
+def expert_checkpoint_names(model: nn.Module) -> tuple[str, str, str] | None:
+    """The checkpoint's per-expert names of the gate, up and down projections (``("w1", "w3", "w2")``
+    for Mixtral): the sources ``model``'s conversion mapping merges into ``experts.gate_up_proj``
+    and ``experts.down_proj``. None when it merges no experts."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter
+
+    def leaf(pattern: str) -> str | None:  # ".experts.*.w1.weight" -> "w1"
+        parts = pattern.strip(".").split(".")
+        rest = parts[parts.index("*") + 1 :] if "*" in parts else []
+        return rest[0] if len(rest) == 2 and rest[1] == "weight" else None
+
+    gate = up = down = None
+    for t in get_model_conversion_mapping(model):
+        if not isinstance(t, WeightConverter):
+            continue
+        targets = [p.rstrip("$") for p in t.target_patterns]
+        leaves = [leaf(p) for p in t.source_patterns]
+        if any(p.endswith("experts.gate_up_proj") for p in targets) and len(leaves) == 2 and all(leaves):
+            gate, up = leaves
+        elif any(p.endswith("experts.down_proj") for p in targets) and len(leaves) == 1 and leaves[0]:
+            down = leaves[0]
+    return (gate, up, down) if gate and up and down and len({gate, up, down}) == 3 else None
 
 
 def without_merges_into_split_experts(conversions: list, model: nn.Module) -> list:

@@ -9,7 +9,7 @@ serves them all:
   ``has_post_expert_norm`` say which). :class:`LinearExperts` holds one :class:`Expert` per
   expert with its gate, up and down ``nn.Linear`` and computes only the routed experts, as
   transformers' eager forward does. The per-expert names are the checkpoint's own, read from
-  transformers' conversion mapping (Mixtral's ``w1``/``w3``/``w2``, Qwen-MoE and DeepSeek's
+  transformers' conversion mapping (``checkpoint.expert_checkpoint_names``: Mixtral's ``w1``/``w3``/``w2``, Qwen-MoE and DeepSeek's
   ``gate_proj``/``up_proj``/``down_proj``), so a quantized checkpoint and its GPTQ export use
   the per-expert naming serving engines read (``mlp.experts.{e}.gate_proj``).
 * **routers** (``mlp.gate``, ``mlp.router``, a shared expert's one-output gate) are found beside
@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .checkpoint import expert_checkpoint_names
 
 logger = logging.getLogger(__name__)
 
@@ -77,40 +79,6 @@ def routers(model: nn.Module, prefix: str) -> set[str]:
     return found
 
 
-def expert_names(model: nn.Module) -> tuple[str, str, str]:
-    """The checkpoint's per-expert names of the gate, up and down projections, from transformers'
-    conversion mapping for ``model`` (the sources it merges into ``gate_up_proj`` and ``down_proj``)."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter
-
-        transforms = get_model_conversion_mapping(model)
-    except Exception:  # noqa: BLE001 - no mapping: the default names
-        return _DEFAULT_NAMES
-    gate = up = down = None
-    for t in transforms:
-        if not isinstance(t, WeightConverter):
-            continue
-        targets = [p.rstrip("$") for p in t.target_patterns]
-        leaves = [_leaf_after_star(p) for p in t.source_patterns]
-        if any(p.endswith("experts.gate_up_proj") for p in targets) and len(leaves) == 2 and all(leaves):
-            gate, up = leaves
-        elif any(p.endswith("experts.down_proj") for p in targets) and len(leaves) == 1 and leaves[0]:
-            down = leaves[0]
-    if gate and up and down and len({gate, up, down}) == 3:
-        return gate, up, down
-    return _DEFAULT_NAMES
-
-
-def _leaf_after_star(pattern: str) -> str | None:
-    # ".experts.*.w1.weight" -> "w1"
-    parts = pattern.strip(".").split(".")
-    if "*" not in parts:
-        return None
-    rest = parts[parts.index("*") + 1 :]
-    return rest[0] if len(rest) == 2 and rest[1] == "weight" else None
-
-
 class Expert(nn.Module):
     """One expert's projections, each an ``nn.Linear`` (or, once quantized, a QuantLinear); the
     owning :class:`LinearExperts` runs them."""
@@ -135,16 +103,15 @@ class LinearExperts(nn.Module):
 
     def __init__(self, experts: list[Expert], fused: nn.Module, layout: ExpertsLayout):
         super().__init__()
-        self.layout = layout  # how the checkpoint may store them fused (streaming reads it)
+        self.layout = layout  # the fused layout: gating, and how a checkpoint may store them (streaming)
         for e, expert in enumerate(experts):
             self.add_module(str(e), expert)
         self.num_experts = len(experts)
-        self.has_gate, self.is_concatenated = fused.has_gate, getattr(fused, "is_concatenated", True)
         self.act_fn = getattr(fused, "act_fn", None)
         self.post_expert_norm = fused.post_expert_norm if getattr(fused, "has_post_expert_norm", False) else None
         # The fused class's gating (e.g. GPT-OSS's clamped SwiGLU) runs unchanged on a shell that
         # holds its plain attributes (alpha, limit, ...) and the activation.
-        self._gate_fn = type(fused)._apply_gate if self.has_gate else None
+        self._gate_fn = type(fused)._apply_gate if layout.has_gate else None
         self._gate_shell = _GateShell(act_fn=self.act_fn, **{
             k: v for k, v in vars(fused).items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))})
 
@@ -168,9 +135,9 @@ class LinearExperts(nn.Module):
 
     def expert_forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.expert(e).projections()
-        if self.has_gate:
+        if self.layout.has_gate:
             g, u = gate(x), up(x)
-            joined = torch.cat([g, u], -1) if self.is_concatenated else torch.stack([g, u], -1).flatten(-2)
+            joined = torch.cat([g, u], -1) if self.layout.is_concatenated else torch.stack([g, u], -1).flatten(-2)
             h = self._gate_fn(self._gate_shell, joined)
         else:
             h = self.act_fn(up(x))
@@ -300,28 +267,25 @@ def restore_conv1d(block: nn.Module) -> list[str]:
     return restored
 
 
-def convert_layers(model: nn.Module, prefix: str, wanted=lambda name: True) -> dict[str, str]:
+def convert_layers(model: nn.Module, prefix: str, wanted=lambda name: True) -> list[str]:
     """Replace every fused experts module and ``Conv1D`` under ``prefix`` for which ``wanted(name)``
-    holds by its Linear form (see the module docstring), in place; returns ``{name: "experts" or
-    "conv1d"}`` of those replaced (none once converted: converted modules are Linears).
+    holds by its Linear form (see the module docstring), in place; returns the names replaced
+    (none once converted: converted modules are Linears).
 
     The model computes the same function after (up to float summation order). Parameters on
     the meta device stay on meta (a model about to load a checkpoint).
     """
     from .blocks import set_module
 
-    names = expert_names(model)
-    converted = {}
+    names = expert_checkpoint_names(model) or _DEFAULT_NAMES
     # By name, so each fused module is released once replaced: one module's copy at a time
-    todo = [n for n, m in model.named_modules() if n.startswith(prefix + ".") and convertible(m) and wanted(n)]
-    for name in todo:
+    converted = [n for n, m in model.named_modules() if n.startswith(prefix + ".") and convertible(m) and wanted(n)]
+    for name in converted:
         module = model.get_submodule(name)
-        experts = is_fused_experts(module)
-        set_module(model, name, _unfuse(module, names) if experts else _conv1d_as_linear(module))
-        converted[name] = "experts" if experts else "conv1d"
+        set_module(model, name, _unfuse(module, names) if is_fused_experts(module) else _conv1d_as_linear(module))
         del module
     if converted:
-        logger.info("%d experts or Conv1D modules computed by Linear layers (%s, ...)", len(converted), next(iter(converted)))
+        logger.info("%d experts or Conv1D modules computed by Linear layers (%s, ...)", len(converted), converted[0])
     return converted
 
 
