@@ -14,7 +14,12 @@ Rows: `fp`; `rtn-<scheme>` (round-to-nearest); `ours-<scheme>` (tuned); ablation
 `ours-<scheme>-noscale` (no pre-tuning scale search), `ours-<scheme>-notopk` (no top-k
 exclusion) and `ours-<scheme>-droptopk` (the spec's top-k exclusion, which drops the largest
 errors, instead of our default that counts them linearly); `ar-<scheme>` and `arv2-<scheme>` (auto-round's SignRound and its
-SignRoundV2 `enable_alg_ext`, when `auto-round` is installed). A scheme is
+SignRoundV2 `enable_alg_ext`, when `auto-round` is installed); `arv2-A<avg>-<options>-<sym|asym>`
+is auto-round's own mixed precision: its AutoScheme (DeltaLoss scoring on 16 x 256 windows and
+allocation) over the same options, then SignRoundV2 tuning. Mixed rows record
+`stored_bits_per_weight`: the bytes of every packed layer's qweight, qzeros and scales (ours
+from the tensors save_pretrained writes, auto-round's read back from its saved checkpoint) over
+the weights those layers hold. A scheme is
 `W<bits>G<group>-<sym|asym>`. Mixed precision: `ours-A<avg>-<options>-<sym|asym>`
 with options such as `W2G64+W4G128` allocates bits by DeltaLoss (16 x 256 scoring windows
 from the calibration text) and dynamic programming under the `avg` budget, then tunes;
@@ -23,7 +28,8 @@ the `-proxy` ablation allocates by the weight-only proxy ||W - Q(W)||^2 instead,
 `-fisher` by second-order DeltaLoss (signed first-order plus empirical-Fisher term, float-model
 gradient, W - Q(W) from the pre-tuning scale search; `deltaloss_fisher`). A trailing `-untied`
 lets every Linear of a mixed row take its own option (`tie_fused=False`; by default q/k/v and
-gate/up share one). A trailing `-i<iters>` sets the tuning steps of a tuned row (default 50).
+gate/up share one). A trailing `-i<iters>` sets the tuning steps of a tuned row (default 50;
+`ours-<scheme>-i0` is the scale search alone, on the same calibration windows).
 `--seeds` runs every row once per calibration seed (other windows of the same sizes; the
 seed also seeds the tuning); rows of seeds other than 42 are stored as `row@s<seed>`, and
 `--summary` prints each row's mean and standard deviation over its seeds. Results are merged
@@ -36,9 +42,11 @@ bfloat16 only at >= 1.25x; auto-round casts to bfloat16 wherever the instruction
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,8 +85,10 @@ def parse(row: str) -> dict:
         raise SystemExit(f"unknown row {row!r}; see --list")
     kind, avg, options, sym, ablation, untied, iters = m.groups()
     options = [(int(b), int(g)) for b, g in OPTION.findall(options)] if options else [(16, 0)]
-    if (avg is None) != (len(options) == 1) or (avg is not None and kind != "ours"):
-        raise SystemExit(f"row {row!r}: one scheme without A<avg>, or ours-A<avg> with several options")
+    if (avg is None) != (len(options) == 1) or (avg is not None and kind not in ("ours", "arv2")):
+        raise SystemExit(f"row {row!r}: one scheme without A<avg>, or ours-A<avg> / arv2-A<avg> with several options")
+    if avg is not None and kind == "arv2" and (ablation or untied):
+        raise SystemExit(f"row {row!r}: arv2-A<avg> rows take no ablation")
     if untied and avg is None:
         raise SystemExit(f"row {row!r}: -untied is for mixed rows (ours-A<avg>-...) only")
     if iters is not None and kind not in ("ours", "ar", "arv2"):
@@ -100,22 +110,93 @@ def run_ours(model, spec: dict, calib: torch.Tensor, scoring: torch.Tensor, seed
         sensitivity_nsamples=SCORING_NSAMPLES, sensitivity_seqlen=SCORING_SEQLEN, tie_fused=spec["tie_fused"],
     )
     start = time.perf_counter()
-    result = quantize_model(model, cfg, calib if cfg.tunes else None, skip=["lm_head"], scoring=scoring)
+    # rtn rows see no data; ours-...-i0 is the scale search alone on the calibration windows
+    result = quantize_model(model, cfg, calib if spec["kind"] == "ours" else None, skip=["lm_head"], scoring=scoring)
     return time.perf_counter() - start, result
 
 
-def run_autoround(model, tok, spec: dict, calib: torch.Tensor, seed: int):
+def run_autoround(model, tok, spec: dict, calib: torch.Tensor, seed: int, workdir: Path):
+    """auto-round's SignRound (``ar``) or SignRoundV2 (``arv2``) on the same windows; ``arv2-A<avg>``
+    lets its AutoScheme (DeltaLoss scoring and allocation, 16 x 256 scoring windows like ours)
+    choose among the options first. Returns the model, the seconds, and for AutoScheme the
+    realised bits read back from its saved checkpoint."""
     from auto_round import AutoRound
 
-    ar = AutoRound(
-        model, tok, bits=spec["bits"], group_size=spec["group_size"], sym=spec["sym"], iters=spec["iters"],
-        nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=BATCH, seed=seed, dataset=[row[None] for row in calib],
-        enable_alg_ext=spec["kind"] == "arv2", device_map="cpu",
-    )
+    scheme: dict = {"bits": spec["bits"], "group_size": spec["group_size"], "sym": spec["sym"]}
+    dataset: object = [row[None] for row in calib]
+    if spec["avg_bits"] is not None:
+        from auto_round import AutoScheme
+        from auto_round.schemes import QuantizationScheme
+
+        # AutoScheme reads a dataset by name or path only: our calibration windows as text,
+        # which SmolLM2's tokenizer maps back to the same 256 tokens (checked here).
+        texts = [tok.decode(row) for row in calib]
+        if any(tok(t)["input_ids"][:SEQLEN] != row.tolist() for t, row in zip(texts, calib)):
+            raise SystemExit("the calibration windows do not survive decode/encode: AutoScheme would read other tokens")
+        dataset = workdir / "calibration.jsonl"
+        dataset.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        dataset = str(dataset)
+        options = [QuantizationScheme(bits=b, group_size=g, sym=spec["sym"], data_type="int", act_bits=16)
+                   for b, g in spec["options"]]
+        scheme = {"scheme": AutoScheme(avg_bits=spec["avg_bits"], options=options, nsamples=SCORING_NSAMPLES,
+                                       seqlen=SCORING_SEQLEN, batch_size=BATCH, low_cpu_mem_usage=False)}
+    ar = AutoRound(model, tok, **scheme, iters=spec["iters"], nsamples=NSAMPLES, seqlen=SEQLEN, batch_size=BATCH,
+                   seed=seed, dataset=dataset, enable_alg_ext=spec["kind"] == "arv2", device_map="cpu")
     start = time.perf_counter()
     qmodel, _ = ar.quantize()
     seconds = time.perf_counter() - start
-    return qmodel.float(), seconds
+    realized = None
+    if spec["avg_bits"] is not None:
+        shapes = model_shapes(qmodel)
+        evaluated = copy.deepcopy(qmodel)  # saving packs qmodel's layers in place
+        out = workdir / "autoscheme-checkpoint"
+        ar.save_quantized(str(out), format="auto_round")
+        realized = stored_bits_per_weight(out, shapes)
+        qmodel = evaluated
+    return qmodel.float(), seconds, realized
+
+
+def model_shapes(model) -> dict[str, tuple[int, int]]:
+    """(out, in) of every Linear inside the decoder blocks, by name."""
+    return {name: (m.out_features, m.in_features) for name, m in model.named_modules()
+            if ".layers." in name and hasattr(m, "out_features") and hasattr(m, "in_features")}
+
+
+STORED = ("qweight", "qzeros", "scales")
+
+
+def stored_bits_per_weight(folder: Path, shapes: dict[str, tuple[int, int]]) -> float:
+    """Bits per quantized weight a saved checkpoint spends on its packed layers: the bytes of
+    every layer's ``qweight``, ``qzeros`` and ``scales`` over the weights those layers hold."""
+    from safetensors import safe_open
+
+    stored: dict[str, int] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                layer, _, leaf = key.rpartition(".")
+                if leaf in STORED:
+                    t = f.get_slice(key)
+                    numel = 1
+                    for d in t.get_shape():
+                        numel *= d
+                    stored[layer] = stored.get(layer, 0) + numel * {"I32": 32, "F16": 16, "BF16": 16, "F32": 32,
+                                                                        "U8": 8, "I8": 8}[t.get_dtype()]
+    weights = sum(shapes[name][0] * shapes[name][1] for name in stored)
+    return round(sum(stored.values()) / weights, 6)
+
+
+def packed_bits_per_weight(model) -> float:
+    """The same count for our model in memory: the bytes of the QuantLinear tensors save_pretrained writes."""
+    from hf_signround import QuantLinear
+
+    bits = weights = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            sd = module.state_dict()
+            bits += sum(sd[k].numel() * sd[k].element_size() * 8 for k in sd if k in STORED)
+            weights += module.out_features * module.in_features
+    return round(bits / weights, 6)
 
 
 def _histogram(result) -> dict[str, int]:
@@ -203,19 +284,23 @@ def main() -> None:
                 continue
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-            seconds, result = None, None
+            seconds, result, realized = None, None, None
             if spec["kind"] in ("rtn", "ours"):
                 seconds, result = run_ours(model, spec, calib, scoring, seed)
             elif spec["kind"] in ("ar", "arv2"):
-                model, seconds = run_autoround(model, tok, spec, calib, seed)
+                with tempfile.TemporaryDirectory() as workdir:
+                    model, seconds, realized = run_autoround(model, tok, spec, calib, seed, Path(workdir))
             ppl = perplexity(model, windows)
             key = key_of(row, seed)
             results[key] = {"ppl": round(ppl, 3), "quantize_seconds": None if seconds is None else round(seconds, 1),
                             "iters": spec["iters"] if spec["kind"] not in ("fp", "rtn") else 0, "seed": seed,
                             "nsamples": NSAMPLES, "seqlen": SEQLEN, "batch_size": BATCH,
                             "eval_windows": args.eval_windows, "torch_threads": torch.get_num_threads(), **where}
+            if realized is not None:
+                results[key]["stored_bits_per_weight"] = realized
             if result is not None and result.allocation is not None:
                 results[key]["realized_avg_bits"] = result.realized_avg_bits
+                results[key]["stored_bits_per_weight"] = packed_bits_per_weight(model)
                 results[key]["bits_histogram"] = _histogram(result)
                 result.allocation.to_json(args.out.parent / f"{args.out.stem}-allocation-{key}.json")
             args.out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

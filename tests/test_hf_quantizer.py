@@ -116,6 +116,20 @@ def test_tuning_needs_a_dataset_and_a_tokenizer(llama_dir, corpus):
         AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=SignRoundV2Config(iters=5, dataset=corpus))
 
 
+def test_iters0_with_a_dataset_runs_the_scale_search_on_it(llama_dir, corpus, tokenizer):
+    with pytest.raises(ValueError, match="a tokenizer is needed"):  # the data is read, so it must be readable
+        AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=rtn_config(dataset=corpus))
+    searched = AutoModelForCausalLM.from_pretrained(
+        llama_dir, quantization_config=rtn_config(dataset=corpus, tokenizer=tokenizer, nsamples=4, seqlen=32))
+    plain = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=rtn_config())
+    report = searched.hf_quantizer.result.reports["model.layers.0"]
+    assert report.loss_after is None and report.mse_after > 0
+    assert plain.hf_quantizer.result.reports["model.layers.0"].mse_after is None
+    q, p = searched.model.layers[0].self_attn.q_proj, plain.model.layers[0].self_attn.q_proj
+    assert not torch.equal(q.scales, p.scales)
+    assert "dataset" not in json.loads(searched.config.to_json_string())["quantization_config"]
+
+
 def _saved(llama_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=rtn_config())
     model.save_pretrained(tmp_path)

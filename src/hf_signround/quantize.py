@@ -150,7 +150,8 @@ def quantize_model(
     Args:
         model: a causal LM made of repeated decoder blocks (resident, or offloaded by accelerate).
         config: the validated config; it is read, never changed.
-        calibration: token windows (nsamples, seqlen); needed when ``config.iters > 0``.
+        calibration: token windows (nsamples, seqlen); needed when ``config.iters > 0``. At ``iters=0``
+            the scale search runs on them (unless ``scale_search=False``); without them it is round-to-nearest.
         skip: module names kept in full precision besides ``config.modules_to_not_convert``.
         scoring: token windows for the DeltaLoss scoring when ``config.avg_bits`` is set;
             None takes the first ``sensitivity_nsamples`` calibration windows, cut to
@@ -262,11 +263,12 @@ def quantize_blocks(source, plan: dict[str, QuantSpec], config: SignRoundV2Confi
     per_block = group_by_block(plan, source.prefix)
     device = config.compute_device
     call = fp_in = q_in = None
-    if config.tunes:
+    if calibration is not None and (config.tunes or config.scale_search):
         fp_in, call = source.capture(calibration, device)
         q_in = fp_in  # identical until the first quantized block
     reports = {}
-    progress = tqdm(range(len(source)), desc="tuning blocks" if config.tunes else "round-to-nearest", unit="block")
+    desc = "tuning blocks" if config.tunes else "scale search" if call is not None else "round-to-nearest"
+    progress = tqdm(range(len(source)), desc=desc, unit="block")
     for index in progress:
         name = f"{source.prefix}.{index}"
         with source.open(index, device) as block:
@@ -287,6 +289,9 @@ def quantize_blocks(source, plan: dict[str, QuantSpec], config: SignRoundV2Confi
             logger.info("block %d/%d: %d layers (%d experts' layers without a routed token), loss %.4g (first step) "
                         "-> %.4g (kept step); frozen block MSE %.4g", index + 1, len(source), len(specs),
                         len(report.unrouted), report.loss_before, report.loss_after, report.mse_after)
+        elif report.mse_after is not None:
+            logger.info("block %d/%d: %d layers, scale search only; frozen block MSE %.4g", index + 1, len(source),
+                        len(specs), report.mse_after)
     return reports
 
 
@@ -295,15 +300,15 @@ def quantize_block(block: nn.Module, specs: dict[str, QuantSpec], config: SignRo
                    q_in: torch.Tensor | None = None):
     """Quantize the layers ``specs`` names in ``block``, leaving the block as it was.
 
-    Without tuning: round-to-nearest. With tuning (``call`` and the chains' inputs given):
-    reference outputs, scale search, sign-gradient tuning, freezing (spec §3 a-d).
+    Without calibration (no ``call``): round-to-nearest. With the chains' inputs given:
+    reference outputs, scale search, sign-gradient tuning (``iters > 0``), freezing (spec §3 a-d).
 
     Returns ``(packed layers by name inside the block, report, fp_out, q_out)``; the outputs
     are the block's on the float chain and, with its packed layers, on the quantized chain
     (``None`` without tuning).
     """
     scale_dtype = getattr(torch, config.scale_dtype)
-    if not config.tunes:
+    if call is None:
         packed = {rel: to_quant_linear(block.get_submodule(rel), spec, scale_dtype) for rel, spec in specs.items()}
         return packed, BlockReport(specs), None, None
     importance = _ImportanceHooks(block, specs) if config.scale_search and specs else None
@@ -326,17 +331,20 @@ def quantize_block(block: nn.Module, specs: dict[str, QuantSpec], config: SignRo
             weights = importance[rel] if rel in importance else torch.ones(layer.in_features, device=layer.weight.device)
             factor = search_factors(layer.weight, spec, weights, scale_dtype)
         tunables[rel] = TunableLinear(layer, spec, factor, scale_dtype)
-    topk = config.topk_exclusion if config.topk_exclusion is not None else min(s.bits for s in specs.values()) < 4
-    amp = config.amp and q_in.dtype == torch.float32 and fast_bf16(q_in.device)
-    settings = TuneSettings(config.iters, config.effective_lr, config.batch_size,
-                            config.topk_ratio if topk else None, config.topk_mode, config.seed + index, amp)
-    with _swapped(block, tunables):
-        history = tune_block(block, tunables, call, q_in, fp_out, settings)
+    loss_before = loss_kept = None  # iters=0: the scale search's start is kept as it is
+    if config.tunes:
+        topk = config.topk_exclusion if config.topk_exclusion is not None else min(s.bits for s in specs.values()) < 4
+        amp = config.amp and q_in.dtype == torch.float32 and fast_bf16(q_in.device)
+        settings = TuneSettings(config.iters, config.effective_lr, config.batch_size,
+                                config.topk_ratio if topk else None, config.topk_mode, config.seed + index, amp)
+        with _swapped(block, tunables):
+            history = tune_block(block, tunables, call, q_in, fp_out, settings)
+        loss_before, loss_kept = history[0], min(history)
     packed = {rel: to_quant_linear(t.layer, t.spec, scale_dtype, **{k: v.detach() for k, v in t.quant_args().items()})
               for rel, t in tunables.items()}
     with _swapped(block, packed):
         mse, q_out = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
-    return packed, BlockReport(specs, history[0], min(history), mse, idle), fp_out, q_out
+    return packed, BlockReport(specs, loss_before, loss_kept, mse, idle), fp_out, q_out
 
 
 @contextmanager
