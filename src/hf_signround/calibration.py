@@ -376,15 +376,14 @@ def build_calibration(dataset: Any, tokenizer: Any, nsamples: int, seqlen: int, 
 def calibration_windows(config) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The windows a quantization with ``config`` reads: ``(calibration, scoring)``.
 
-    Tuning, or the scale search alone (``iters=0`` with a dataset), reads ``nsamples`` windows
-    of ``seqlen`` tokens; DeltaLoss scoring (``avg_bits``)
+    Tuning reads ``nsamples`` windows of ``seqlen`` tokens; DeltaLoss scoring (``avg_bits``)
     ``sensitivity_nsamples`` of ``sensitivity_seqlen``, drawn with the same seed. Each is None
     when not needed.
     """
     if config.needs_calibration and config.dataset is None:
         raise ValueError(config.calibration_error())
     calibration = scoring = None
-    if config.walks_calibration:
+    if config.tunes:
         calibration = build_calibration(config.dataset, config.tokenizer, config.nsamples, config.seqlen, config.seed)
     if config.scores_on_data:
         scoring = build_calibration(config.dataset, config.tokenizer, config.sensitivity_nsamples,

@@ -212,13 +212,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                        "for round-to-nearest")
     if args.low_memory and (args.device_map or args.offload_folder):
         raise CLIError("--low-memory reads the checkpoint block by block itself: drop --device-map/--offload-folder")
-    # --iters 0 with --dataset: the scale search runs on it (a calibrated round-to-nearest)
-    reads = config.needs_calibration or (args.dataset is not None and config.scale_search)
-    texts = _texts(args.dataset) if reads else None
+    texts = _texts(args.dataset) if config.needs_calibration else None
     check_output(out, sources=_local(args.model), overwrite=args.overwrite)
     with model_source(args.model, local=args.low_memory) as source:
-        tokenizer = _load_tokenizer(source, required=reads)
-        if reads:
+        tokenizer = _load_tokenizer(source, required=config.needs_calibration)
+        if config.needs_calibration:
             config = SignRoundV2Config(**knobs, dataset=texts, tokenizer=tokenizer)
         with staged_output(out) as stage:  # everything lands in OUT at once, or not at all
             result = _quantize_into(stage, source, config, args)

@@ -112,10 +112,9 @@ class SignRoundV2Config(QuantizationConfigMixin):
             MLP, which serving engines fuse into one matrix) one option, priced and scored together.
 
     Tuning (spec §3):
-        iters: sign-gradient tuning steps per block. 0 skips tuning: with a ``dataset`` the
-            blocks still see the calibration windows for the scale search (spec §3b; a
-            calibrated round-to-nearest, a few percent of a tuned run's time), without one
-            (or with ``scale_search=False``) it is plain round-to-nearest.
+        iters: sign-gradient tuning steps per block; 0 means plain round-to-nearest (a
+            ``dataset`` then serves the ``avg_bits`` scoring only). ``quantize_model`` given
+            calibration windows at ``iters=0`` runs the scale search alone on them (spec §3b).
         lr: tuning learning rate; ``None`` means the spec's default: ``1/iters``, or
             ``2/iters`` for ``iters >= 1000`` when ``bits <= 3`` (with ``avg_bits``: when
             any bit option is 3 bits or fewer).
@@ -333,12 +332,6 @@ class SignRoundV2Config(QuantizationConfigMixin):
     def tunes(self) -> bool:
         """Whether blocks are tuned (``iters > 0``) rather than rounded to nearest."""
         return self.iters > 0
-
-    @property
-    def walks_calibration(self) -> bool:
-        """Whether the blocks see calibration windows: to tune, or (``iters=0`` with a dataset)
-        for the scale search alone."""
-        return self.tunes or (self.scale_search and self.dataset is not None)
 
     @property
     def scores_on_data(self) -> bool:

@@ -48,9 +48,9 @@ class SignRoundV2HfQuantizer(HfQuantizer):
                     "config.json is corrupt or was edited; restore it from the original save"
                 )
             return
-        if config.needs_calibration and config.dataset is None:
-            raise ValueError(config.calibration_error())
-        if config.dataset is not None and (config.needs_calibration or config.walks_calibration):
+        if config.needs_calibration:
+            if config.dataset is None:
+                raise ValueError(config.calibration_error())
             if config.tokenizer is None and not is_token_ids(config.dataset):
                 raise ValueError(
                     "a tokenizer is needed to tokenize the calibration texts: pass "
