@@ -187,16 +187,12 @@ def stored_bits_per_weight(folder: Path, shapes: dict[str, tuple[int, int]]) -> 
 
 
 def packed_bits_per_weight(model) -> float:
-    """The same count for our model in memory: the bytes of the QuantLinear tensors save_pretrained writes."""
+    """The same count for our model: the bytes of the packed tensors save_pretrained writes
+    (``QuantLinear.packed_nbytes``) over the weights of those layers."""
     from hf_signround import QuantLinear
 
-    bits = weights = 0
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            sd = module.state_dict()
-            bits += sum(sd[k].numel() * sd[k].element_size() * 8 for k in sd if k in STORED)
-            weights += module.out_features * module.in_features
-    return round(bits / weights, 6)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    return round(sum(8 * m.packed_nbytes() for m in layers) / sum(m.out_features * m.in_features for m in layers), 6)
 
 
 def _histogram(result) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """avg_bits end to end: DeltaLoss, DP allocation, tuning, save, reload and pipeline with mixed bits."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,18 @@ def test_second_order_allocation_scores_with_the_tuning_start(scale_search):
         assert scores == pytest.approx(want[name], rel=1e-6, abs=1e-9), name
     assert result.realized_avg_bits <= 3.2
     assert len({s.bits for s in result.allocation.specs.values()}) > 1
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_quality_benchmark_reads_realised_bits_from_the_saved_tensors(llama_dir, tmp_path, monkeypatch, sym):
+    # benchmarks/quality.py compares mixed rows with auto-round's AutoScheme by the bytes each saved
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quality
+
+    cfg = mixed(iters=0, sym=sym, sensitivity_method="weight_error", avg_bits=3.0)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=cfg)
+    model.save_pretrained(tmp_path)
+    realised = model.hf_quantizer.result.realized_avg_bits
+    assert quality.stored_bits_per_weight(tmp_path, quality.model_shapes(model)) == pytest.approx(realised, abs=1e-6)
+    assert quality.packed_bits_per_weight(model) == pytest.approx(realised, abs=1e-6)
+    assert 2.0 < realised <= 3.0
