@@ -64,6 +64,7 @@ def plot(all_curves: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     fig, axes = plt.subplots(1, len(all_curves), figsize=(5.5 * len(all_curves), 4.2), squeeze=False)
     for ax, (scheme, methods) in zip(axes[0], sorted(all_curves.items(), reverse=True)):
@@ -78,6 +79,8 @@ def plot(all_curves: dict, path: Path) -> None:
         ax.set_xlabel("quantization time, minutes (1 CPU thread)")
         ax.set_ylabel("held-out perplexity")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
