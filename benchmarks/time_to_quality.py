@@ -64,23 +64,22 @@ def plot(all_curves: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
 
     fig, axes = plt.subplots(1, len(all_curves), figsize=(5.5 * len(all_curves), 4.2), squeeze=False)
     for ax, (scheme, methods) in zip(axes[0], sorted(all_curves.items(), reverse=True)):
+        # points far above the rest (W2's 0 steps) are drawn at the top edge, their value written out
+        top = 3.0 * min(p for points in methods.values() for _, p, _ in points)
         for method, style, label in (("ours", "o-", "hf-signround"), ("arv2", "s--", "auto-round V2")):
             points = methods.get(method, [])
             if not points:
                 continue
-            ax.plot([s / 60 for _, _, s in points], [p for _, p, _ in points], style, label=label)
+            ax.plot([s / 60 for _, _, s in points], [min(p, top) for _, p, _ in points], style, label=label)
             for i, p, s in points:
-                ax.annotate(str(i), (s / 60, p), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                text = str(i) if p <= top else f"{i} (ppl {p:.0f}, off scale)"
+                ax.annotate(text, (s / 60, min(p, top)), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_title(f"SmolLM2-135M {scheme} (labels: steps)")
         ax.set_xlabel("quantization time, minutes (1 CPU thread)")
         ax.set_ylabel("held-out perplexity")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())
-        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
