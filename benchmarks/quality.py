@@ -133,9 +133,9 @@ def run_autoround(model, tok, spec: dict, calib: torch.Tensor, seed: int, workdi
         texts = [tok.decode(row) for row in calib]
         if any(tok(t)["input_ids"][:SEQLEN] != row.tolist() for t, row in zip(texts, calib)):
             raise SystemExit("the calibration windows do not survive decode/encode: AutoScheme would read other tokens")
-        dataset = workdir / "calibration.jsonl"
-        dataset.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        dataset = str(dataset)
+        path = workdir / "calibration.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        dataset = str(path)
         options = [QuantizationScheme(bits=b, group_size=g, sym=spec["sym"], data_type="int", act_bits=16)
                    for b, g in spec["options"]]
         scheme = {"scheme": AutoScheme(avg_bits=spec["avg_bits"], options=options, nsamples=SCORING_NSAMPLES,
@@ -162,26 +162,19 @@ def model_shapes(model) -> dict[str, tuple[int, int]]:
             if ".layers." in name and hasattr(m, "out_features") and hasattr(m, "in_features")}
 
 
-STORED = ("qweight", "qzeros", "scales")
-
-
 def stored_bits_per_weight(folder: Path, shapes: dict[str, tuple[int, int]]) -> float:
     """Bits per quantized weight a saved checkpoint spends on its packed layers: the bytes of
-    every layer's ``qweight``, ``qzeros`` and ``scales`` over the weights those layers hold."""
-    from safetensors import safe_open
+    every layer's ``qweight``, ``qzeros`` and ``scales`` (from the safetensors headers) over the
+    weights those layers hold."""
+    from hf_signround.checkpoint import PACKED
+    from hf_signround.shards import read_header
 
     stored: dict[str, int] = {}
     for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            for key in f.keys():
-                layer, _, leaf = key.rpartition(".")
-                if leaf in STORED:
-                    t = f.get_slice(key)
-                    numel = 1
-                    for d in t.get_shape():
-                        numel *= d
-                    stored[layer] = stored.get(layer, 0) + numel * {"I32": 32, "F16": 16, "BF16": 16, "F32": 32,
-                                                                        "U8": 8, "I8": 8}[t.get_dtype()]
+        for key, info in read_header(file).tensors.items():
+            layer, _, leaf = key.rpartition(".")
+            if leaf in PACKED:
+                stored[layer] = stored.get(layer, 0) + 8 * (info.end - info.start)
     weights = sum(shapes[name][0] * shapes[name][1] for name in stored)
     return round(sum(stored.values()) / weights, 6)
 

@@ -305,7 +305,7 @@ def quantize_block(block: nn.Module, specs: dict[str, QuantSpec], config: SignRo
 
     Returns ``(packed layers by name inside the block, report, fp_out, q_out)``; the outputs
     are the block's on the float chain and, with its packed layers, on the quantized chain
-    (``None`` without tuning).
+    (``None`` without calibration).
     """
     scale_dtype = getattr(torch, config.scale_dtype)
     if call is None:
