@@ -46,6 +46,11 @@ def log(msg: str) -> None:
     print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def ratio(num: float, den: float) -> float:
+    """``num / den`` to four significant figures: a ratio far below 1 (the CPU interpreter) must not round to 0."""
+    return float(f"{num / den:.4g}")
+
+
 def time_ms(calls: list, device) -> float:
     """One call's time: CUDA-graph replays on a GPU (benchmarks/kernels.py), a plain timer elsewhere."""
     if device.type == "cuda":
@@ -98,7 +103,7 @@ def stage_kernels(args, device) -> dict:
                 t_ours = time_ms([ours(lay, x) for lay in layers], device)
                 t_fp16 = time_ms([(lambda w=w: F.linear(x, w)) for w in w16], device)
                 row.update(ours_us=round(t_ours * 1e3, 2), fp16_us=round(t_fp16 * 1e3, 2),
-                           speedup=round(t_fp16 / t_ours, 3))
+                           speedup=ratio(t_fp16, t_ours))
             if m in args.crossover:
                 t_fused = time_ms([ours(lay, x, "prefill") for lay in layers], device)
                 t_deq = time_ms([ours(lay, x, "dequant") for lay in layers], device)
@@ -145,7 +150,7 @@ def stage_e2e(args, device) -> dict:
             log(f"e2e {name} {mode}: {out[f'{name}_{mode}']}")
     for mode, key in (("compiled", "e2e_decode_w4_speedup"), ("eager", "eager_decode_w4_speedup")):
         a, b = out.get(f"w4g128_{mode}", {}), out.get(f"fp16_{mode}", {})
-        out[key] = round(a["tokens_per_s"] / b["tokens_per_s"], 3) if "tokens_per_s" in a and "tokens_per_s" in b \
+        out[key] = ratio(a["tokens_per_s"], b["tokens_per_s"]) if "tokens_per_s" in a and "tokens_per_s" in b \
             else None
     return out
 
@@ -185,7 +190,7 @@ def decode_tokens_per_s(model, new_tokens: int, compiled: bool, device) -> dict:
     run(new_tokens)  # compiles (first time), tunes the kernels, warms up
     full = min(run(new_tokens) for _ in range(3))
     first = min(run(1) for _ in range(3))
-    return {"tokens_per_s": round((new_tokens - 1) / max(full - first, 1e-9), 1), "generate_s": round(full, 4)}
+    return {"tokens_per_s": float(f"{(new_tokens - 1) / max(full - first, 1e-9):.4g}"), "generate_s": round(full, 4)}
 
 
 def stage_tuning(args, device) -> dict:
@@ -229,7 +234,7 @@ def stage_tuning(args, device) -> dict:
     ar.quantize()
     sync(device)
     out["auto_round_s"] = round(time.perf_counter() - start, 2)
-    out["tune_speed_vs_autoround"] = round(out["auto_round_s"] / out["ours_s"], 3)
+    out["tune_speed_vs_autoround"] = ratio(out["auto_round_s"], out["ours_s"])
     log(f"tuning: auto-round {out['auto_round_s']} s")
     return out
 
