@@ -261,3 +261,35 @@ def test_largest_passes_gradients_like_topk():
     (g_ours,) = torch.autograd.grad(largest(x, 40).sum(), x)
     (g_ref,) = torch.autograd.grad(torch.topk(x, 40).values.sum(), x)
     assert torch.equal(g_ours, g_ref) and int(g_ours.sum()) == 40
+
+
+def test_a_block_whose_tuning_does_worse_than_its_start_keeps_the_start(calib, monkeypatch):
+    """The kept step is chosen on mini-batch losses; where it is worse than the start on all
+    windows, the block keeps the start: the model is then bit-identical to the scale search alone."""
+    from hf_signround import quantize as quantize_mod
+
+    real = quantize_mod.tune_block
+
+    def tune_then_spoil(block, tunables, *args):
+        history = real(block, tunables, *args)
+        with torch.no_grad():
+            for t in tunables.values():  # every weight half a step off, every range halved
+                t.v.fill_(0.5)
+                t.alpha.fill_(0.5)
+                t.beta.fill_(0.5)
+        return history
+
+    monkeypatch.setattr(quantize_mod, "tune_block", tune_then_spoil)
+    spoiled, start_only = tiny_llama(), tiny_llama()
+    reports = quantize_model(spoiled, tuned(iters=3), calib).reports
+    quantize_model(start_only, tuned(iters=0), calib)
+    assert all(r.kept_start and r.mse_after == r.mse_start for r in reports.values()), reports
+    a, b = spoiled.state_dict(), start_only.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tuned_blocks_report_their_start_and_beat_it(calib):
+    reports = quantize_model(tiny_llama(), tuned(), calib).reports
+    first = reports["model.layers.0"]
+    assert not first.kept_start and first.mse_after < first.mse_start
+    assert all(r.mse_start is not None and r.mse_after <= r.mse_start for r in reports.values())

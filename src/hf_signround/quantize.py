@@ -44,6 +44,8 @@ class BlockReport:
     loss_before: float | None = None  # tuning loss of the first step (the searched or min-max start)
     loss_after: float | None = None  # tuning loss of the kept (lowest) step
     mse_after: float | None = None  # plain MSE of the frozen block over all calibration windows
+    mse_start: float | None = None  # the same for the tuning's start (scale search or min-max), when tuned
+    kept_start: bool = False  # the tuned parameters did worse than the start on all windows: the start was kept
     unrouted: list[str] = field(default_factory=list)  # expert layers no calibration token reached
 
 
@@ -287,11 +289,16 @@ def quantize_blocks(source, plan: dict[str, QuantSpec], config: SignRoundV2Confi
         if report.loss_after is not None:
             progress.set_postfix_str(f"loss {report.loss_before:.3g} -> {report.loss_after:.3g}")
             logger.info("block %d/%d: %d layers (%d experts' layers without a routed token), loss %.4g (first step) "
-                        "-> %.4g (kept step); frozen block MSE %.4g", index + 1, len(source), len(specs),
-                        len(report.unrouted), report.loss_before, report.loss_after, report.mse_after)
+                        "-> %.4g (kept step); frozen block MSE %.4g (start %.4g%s)", index + 1, len(source),
+                        len(specs), len(report.unrouted), report.loss_before, report.loss_after, report.mse_after,
+                        report.mse_start, ": tuning did worse on all windows, the start is kept"
+                        if report.kept_start else "")
         elif report.mse_after is not None:
             logger.info("block %d/%d: %d layers, scale search only; frozen block MSE %.4g", index + 1, len(source),
                         len(specs), report.mse_after)
+    if config.tunes and (reverted := sum(r.kept_start for r in reports.values())):
+        logger.info("%d of %d blocks kept their start: the tuned parameters did worse on all calibration windows "
+                    "(more steps usually help)", reverted, len(reports))
     return reports
 
 
@@ -331,8 +338,9 @@ def quantize_block(block: nn.Module, specs: dict[str, QuantSpec], config: SignRo
             weights = importance[rel] if rel in importance else torch.ones(layer.in_features, device=layer.weight.device)
             factor = search_factors(layer.weight, spec, weights, scale_dtype)
         tunables[rel] = TunableLinear(layer, spec, factor, scale_dtype)
-    loss_before = loss_kept = None  # iters=0: the scale search's start is kept as it is
+    loss_before = loss_kept = start = None  # iters=0: the scale search's start is kept as it is
     if config.tunes:
+        start = pack(tunables, scale_dtype)
         topk = config.topk_exclusion if config.topk_exclusion is not None else min(s.bits for s in specs.values()) < 4
         amp = config.amp and q_in.dtype == torch.float32 and fast_bf16(q_in.device)
         settings = TuneSettings(config.iters, config.effective_lr, config.batch_size,
@@ -340,11 +348,28 @@ def quantize_block(block: nn.Module, specs: dict[str, QuantSpec], config: SignRo
         with _swapped(block, tunables):
             history = tune_block(block, tunables, call, q_in, fp_out, settings)
         loss_before, loss_kept = history[0], min(history)
-    packed = {rel: to_quant_linear(t.layer, t.spec, scale_dtype, **{k: v.detach() for k, v in t.quant_args().items()})
-              for rel, t in tunables.items()}
+    packed = pack(tunables, scale_dtype)
     with _swapped(block, packed):
         mse, q_out = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
-    return packed, BlockReport(specs, loss_before, loss_kept, mse, idle), fp_out, q_out
+    mse_start, kept_start = None, False
+    if start is not None:
+        # The kept step is the lowest *mini-batch* loss, each step's on a different batch; over few
+        # large steps that choice can be worse than the start on all windows. Never keep worse.
+        with _swapped(block, start):
+            mse_start = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)[0]
+        if mse_start < mse:
+            kept_start, packed = True, start
+            del q_out
+            with _swapped(block, packed):
+                mse, q_out = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
+    report = BlockReport(specs, loss_before, loss_kept, mse, mse_start, kept_start, idle)
+    return packed, report, fp_out, q_out
+
+
+def pack(tunables: dict[str, TunableLinear], scale_dtype: torch.dtype) -> dict[str, QuantLinear]:
+    """Each tunable layer packed with its current rounding offsets and range factors."""
+    return {rel: to_quant_linear(t.layer, t.spec, scale_dtype, **{k: v.detach() for k, v in t.quant_args().items()})
+            for rel, t in tunables.items()}
 
 
 @contextmanager
