@@ -5,7 +5,9 @@ start 0, kept in [-0.5, 0.5]) and clipping factors ``alpha``/``beta`` (per group
 kept in [0, 1], or [0, 2] on top of a searched scale). The block, fed the *quantized*
 chain's inputs, is trained to reproduce the *float* block's outputs on the float chain's
 inputs: fp32 MSE, scaled by 1000, signed gradient descent without momentum, learning
-rate decaying linearly to 0, and the parameters with the lowest mini-batch loss are kept.
+rate decaying linearly to 0, and the parameters with the lowest mini-batch loss are kept
+(``quantize.quantize_block`` then checks them against the start on all windows and keeps
+the start where they do worse: over few large steps the mini-batch choice is noisy).
 
 Two choices of ours beyond the spec (the SmolLM2-135M W2G64 rows behind them are in
 docs/BENCHMARKS.md): mini-batches are dealt from a reshuffled permutation, so every
