@@ -5,7 +5,7 @@ what it finished, and the file is rewritten after every stage, so a run cut shor
 
 1. ``kernels`` -- W4G128 against cuBLAS float16 on Llama-3-8B's layer shapes (q/o 4096x4096,
    k/v 1024x4096, gate/up 14336x4096, down 4096x14336) at M = 1, 16 and 2048 rows, each timed
-   from CUDA-graph replays over weight copies larger than L2 (``benchmarks/kernels.py``);
+   from CUDA-graph replays over weight copies larger than L2 (``benchmarks/kernel_bench.py``);
    and the fused prefill kernel against dequantize-then-cuBLAS at M = 32..512, which sets
    ``triton_launch.DEQUANT_MIN_ROWS``;
 2. ``e2e`` -- greedy decode tokens/s of a random Llama-3-8B-shaped model (8 layers), W4G128
@@ -52,9 +52,9 @@ def ratio(num: float, den: float) -> float:
 
 
 def time_ms(calls: list, device) -> float:
-    """One call's time: CUDA-graph replays on a GPU (benchmarks/kernels.py), a plain timer elsewhere."""
+    """One call's time: CUDA-graph replays on a GPU (benchmarks/kernel_bench.py), a plain timer elsewhere."""
     if device.type == "cuda":
-        from benchmarks.kernels import graph_time_ms
+        from benchmarks.kernel_bench import graph_time_ms
 
         return graph_time_ms(calls)
     for c in calls:
@@ -83,7 +83,7 @@ def stage_kernels(args, device) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from benchmarks.kernels import copies_for
+    from benchmarks.kernel_bench import copies_for
     from hf_signround.kernels.triton_launch import quant_linear
 
     out: dict = {"rows": []}

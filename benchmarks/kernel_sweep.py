@@ -48,7 +48,7 @@ def grid() -> list[tuple[str, int, dict]]:
 
 def _compile(job) -> str:
     import torch
-    from kernels import make_layer
+    from kernel_bench import make_layer
 
     from hf_signround.kernels import triton_launch
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     print(f"compiled {len(jobs)} configs in {time.time() - start:.0f} s; {sum(s != 'ok' for s in status)} failed")
 
     import torch
-    from kernels import graph_time_ms, make_layer
+    from kernel_bench import graph_time_ms, make_layer
 
     from hf_signround.kernels import triton_launch
 

@@ -9,9 +9,9 @@ a device-to-device copy measured in the same run). ``--e2e`` adds decode tokens/
 ``generate`` (static cache, auto-compiled with CUDA graphs) for a Llama-shaped random model
 quantized to W4G128 against the same model in float16.
 
-    python benchmarks/kernels.py                       # everything, JSON to benchmarks/results/kernels.json
-    python benchmarks/kernels.py --bits 4 --rows 1 16 --shapes 4096x14336 --no-e2e
-    python benchmarks/kernels.py --e2e-only --out /tmp/e2e.json
+    python benchmarks/kernel_bench.py                       # everything, JSON to benchmarks/results/kernels.json
+    python benchmarks/kernel_bench.py --bits 4 --rows 1 16 --shapes 4096x14336 --no-e2e
+    python benchmarks/kernel_bench.py --e2e-only --out /tmp/e2e.json
 
 Needs a CUDA GPU and Triton.
 """
@@ -249,7 +249,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        log("benchmarks/kernels.py needs a CUDA GPU")
+        log("benchmarks/kernel_bench.py needs a CUDA GPU")
         return 1
     if args.extra_configs:
         for kind, extra in json.loads(args.extra_configs.read_text()).items():
