@@ -13,6 +13,7 @@ leaves a half-quantized model behind.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections import defaultdict
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from .qfunc import QuantSpec, quantize_rtn
 from .qlinear import QuantLinear, set_backend
 from .scale_search import search_factors
 from .sensitivity import delta_loss_scores, shared_input_groups, taylor_scores, weight_error_scores
-from .tuning import BlockCall, TunableLinear, TuneSettings, fast_bf16, mse_and_outputs, tune_block
+from .tuning import BlockCall, TunableLinear, TuneSettings, fast_bf16, frozen_losses, tune_block
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,10 @@ class BlockReport:
     mse_start: float | None = None  # the same for the tuning's start (scale search or min-max), when tuned
     kept_start: bool = False  # the tuned parameters did worse than the start on all windows: the start was kept
     unrouted: list[str] = field(default_factory=list)  # expert layers no calibration token reached
+    # the tuning objective (MSE, or with top-k its Huber/drop treatment) over all windows: kept block and start;
+    # kept_start compares these, the quantity tuning lowers (plain MSE disagreed at 2-3 bits, see BENCHMARKS.md)
+    objective_after: float | None = None
+    objective_start: float | None = None
 
 
 @dataclass
@@ -289,10 +294,11 @@ def quantize_blocks(source, plan: dict[str, QuantSpec], config: SignRoundV2Confi
         if report.loss_after is not None:
             progress.set_postfix_str(f"loss {report.loss_before:.3g} -> {report.loss_after:.3g}")
             logger.info("block %d/%d: %d layers (%d experts' layers without a routed token), loss %.4g (first step) "
-                        "-> %.4g (kept step); frozen block MSE %.4g (start %.4g%s)", index + 1, len(source),
-                        len(specs), len(report.unrouted), report.loss_before, report.loss_after, report.mse_after,
-                        report.mse_start, ": tuning did worse on all windows, the start is kept"
-                        if report.kept_start else "")
+                        "-> %.4g (kept step); on all windows objective %.4g (start %.4g%s), MSE %.4g (start %.4g)",
+                        index + 1, len(source), len(specs), len(report.unrouted), report.loss_before, report.loss_after,
+                        report.objective_after, report.objective_start,
+                        ": tuning did worse, the start is kept" if report.kept_start else "",
+                        report.mse_after, report.mse_start)
         elif report.mse_after is not None:
             logger.info("block %d/%d: %d layers, scale search only; frozen block MSE %.4g", index + 1, len(source),
                         len(specs), report.mse_after)
@@ -349,20 +355,26 @@ def quantize_block(block: nn.Module, specs: dict[str, QuantSpec], config: SignRo
             history = tune_block(block, tunables, call, q_in, fp_out, settings)
         loss_before, loss_kept = history[0], min(history)
     packed = pack(tunables, scale_dtype)
+    objective_of = functools.partial(frozen_losses, call=call, inputs=q_in, target=fp_out, batch_size=config.batch_size,
+                                     topk_ratio=settings.topk_ratio if start is not None else None,
+                                     topk_mode=config.topk_mode)
     with _swapped(block, packed):
-        mse, q_out = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
-    mse_start, kept_start = None, False
+        mse, objective, q_out = objective_of(block)
+    mse_start = objective_start = None
+    kept_start = False
     if start is not None:
         # The kept step is the lowest *mini-batch* loss, each step's on a different batch; over few
-        # large steps that choice can be worse than the start on all windows. Never keep worse.
+        # large steps that choice can be worse than the start on all windows. Never keep worse, by
+        # the objective tuning lowers (by plain MSE, reverted 2-bit blocks made the model worse).
         with _swapped(block, start):
-            mse_start = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)[0]
-        if mse_start < mse:
+            mse_start, objective_start, _ = objective_of(block)
+        if objective_start < objective:
             kept_start, packed = True, start
             del q_out
             with _swapped(block, packed):
-                mse, q_out = mse_and_outputs(block, call, q_in, fp_out, config.batch_size)
-    report = BlockReport(specs, loss_before, loss_kept, mse, mse_start, kept_start, idle)
+                mse, objective, q_out = objective_of(block)
+    report = BlockReport(specs, loss_before, loss_kept, mse, mse_start, kept_start, idle,
+                         objective_after=objective, objective_start=objective_start)
     return packed, report, fp_out, q_out
 
 

@@ -6,8 +6,8 @@ kept in [0, 1], or [0, 2] on top of a searched scale). The block, fed the *quant
 chain's inputs, is trained to reproduce the *float* block's outputs on the float chain's
 inputs: fp32 MSE, scaled by 1000, signed gradient descent without momentum, learning
 rate decaying linearly to 0, and the parameters with the lowest mini-batch loss are kept
-(``quantize.quantize_block`` then checks them against the start on all windows and keeps
-the start where they do worse: over few large steps the mini-batch choice is noisy).
+(``quantize.quantize_block`` then checks them against the start by the same objective on all
+windows and keeps the start where they do worse: over few large steps the mini-batch choice is noisy).
 
 Two choices of ours beyond the spec (the SmolLM2-135M W2G64 rows behind them are in
 docs/BENCHMARKS.md): mini-batches are dealt from a reshuffled permutation, so every
@@ -227,8 +227,18 @@ def epoch_batches(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
 @torch.no_grad()
 def mse_and_outputs(block: nn.Module, call: BlockCall, inputs: torch.Tensor, target: torch.Tensor, batch_size: int):
     """Plain MSE of the block's outputs against ``target`` over all samples, and the outputs."""
+    mse, _, out = frozen_losses(block, call, inputs, target, batch_size)
+    return mse, out
+
+
+def frozen_losses(block: nn.Module, call: BlockCall, inputs: torch.Tensor, target: torch.Tensor, batch_size: int,
+                  topk_ratio: float | None = None, topk_mode: str = "huber") -> tuple[float, float, torch.Tensor]:
+    """The block's plain MSE against ``target`` over all samples, its tuning objective there
+    (``block_loss`` with the tuning's top-k treatment; the MSE itself without top-k), and the outputs."""
     out = call.batched(block, inputs, batch_size)
-    return (out.float() - target.float()).square().mean().item(), out
+    mse = (out.float() - target.float()).square().mean().item()
+    objective = mse if topk_ratio is None else block_loss(out, target, topk_ratio, topk_mode).item()
+    return mse, objective, out
 
 
 def tune_block(
