@@ -21,4 +21,3 @@ def test_no_benchmark_script_shadows_an_installed_module(monkeypatch):
         if spec is not None and spec.origin and Path(spec.origin).resolve().parent != BENCHMARKS:
             clashes[stem] = spec.origin
     assert not clashes, f"rename these benchmark scripts, they hide installed modules: {clashes}"
-

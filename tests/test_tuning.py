@@ -11,7 +11,7 @@ from hf_signround.qfunc import QuantSpec
 from hf_signround.quantize import to_quant_linear
 from hf_signround import tuning
 from hf_signround.tuning import (BlockCall, TunableLinear, TuneSettings, block_loss, epoch_batches, fast_bf16,
-                                 largest, mse_and_outputs, tune_block)
+                                 frozen_losses, largest, tune_block)
 from tests.tiny import make_corpus, make_tokenizer, tiny_llama, tiny_neox
 
 
@@ -86,11 +86,11 @@ def test_best_step_is_kept_not_the_last(calib):
     # first step is the best and the last the worst
     history = tune_block(block, tunables, call, hidden, target, TuneSettings(6, -0.2, 8, None, "drop", 0))
     assert history[-1] > 2 * history[0] and min(history) == history[0]
-    final, _ = mse_and_outputs(block, call, hidden, target, 8)
+    final, _, _ = frozen_losses(block, call, hidden, target, 8)
     assert final == pytest.approx(history[0], rel=1e-5)
     # and with a real lr the kept step is the lowest one seen
     history = tune_block(block, tunables, call, hidden, target, TuneSettings(8, 0.1, 8, None, "drop", 1))
-    final, _ = mse_and_outputs(block, call, hidden, target, 8)
+    final, _, _ = frozen_losses(block, call, hidden, target, 8)
     assert final == pytest.approx(min(history), rel=1e-5)
 
 

@@ -356,7 +356,7 @@ def quantize_block(block: nn.Module, specs: dict[str, QuantSpec], config: SignRo
         loss_before, loss_kept = history[0], min(history)
     packed = pack(tunables, scale_dtype)
     objective_of = functools.partial(frozen_losses, call=call, inputs=q_in, target=fp_out, batch_size=config.batch_size,
-                                     topk_ratio=settings.topk_ratio if start is not None else None,
+                                     topk_ratio=settings.topk_ratio if config.tunes else None,
                                      topk_mode=config.topk_mode)
     with _swapped(block, packed):
         mse, objective, q_out = objective_of(block)
@@ -367,12 +367,10 @@ def quantize_block(block: nn.Module, specs: dict[str, QuantSpec], config: SignRo
         # large steps that choice can be worse than the start on all windows. Never keep worse, by
         # the objective tuning lowers (by plain MSE, reverted 2-bit blocks made the model worse).
         with _swapped(block, start):
-            mse_start, objective_start, _ = objective_of(block)
+            mse_start, objective_start, start_out = objective_of(block)
         if objective_start < objective:
-            kept_start, packed = True, start
-            del q_out
-            with _swapped(block, packed):
-                mse, objective, q_out = objective_of(block)
+            kept_start, packed, mse, objective, q_out = True, start, mse_start, objective_start, start_out
+        del start_out
     report = BlockReport(specs, loss_before, loss_kept, mse, mse_start, kept_start, idle,
                          objective_after=objective, objective_start=objective_start)
     return packed, report, fp_out, q_out

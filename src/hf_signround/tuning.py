@@ -225,12 +225,6 @@ def epoch_batches(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
 
 
 @torch.no_grad()
-def mse_and_outputs(block: nn.Module, call: BlockCall, inputs: torch.Tensor, target: torch.Tensor, batch_size: int):
-    """Plain MSE of the block's outputs against ``target`` over all samples, and the outputs."""
-    mse, _, out = frozen_losses(block, call, inputs, target, batch_size)
-    return mse, out
-
-
 def frozen_losses(block: nn.Module, call: BlockCall, inputs: torch.Tensor, target: torch.Tensor, batch_size: int,
                   topk_ratio: float | None = None, topk_mode: str = "huber") -> tuple[float, float, torch.Tensor]:
     """The block's plain MSE against ``target`` over all samples, its tuning objective there
