@@ -138,6 +138,40 @@ def test_compile_fullgraph_triton_backend_matches_eager() -> None:
 
 @needs_triton
 @runs_triton
+@pytest.mark.parametrize("rows", [1, 5, 40, 200], ids=["gemv", "decode", "prefill", "dequant"])
+def test_eager_triton_skips_the_custom_op_and_matches_it_bit_for_bit(rows, monkeypatch) -> None:
+    layer = _layer("triton").to(DEVICE)
+    x = torch.randn(2, rows, 96, dtype=torch.float16, device=DEVICE)
+    strided = torch.randn(rows, 2 * 96, dtype=torch.float16, device=DEVICE)[:, ::2]  # not contiguous
+    with torch.no_grad():
+        want = [backend_mod.quant_linear_op(t, layer.qweight, layer.scales, layer.qzeros, layer.bias, 4, 32, 96)
+                for t in (x, strided)]
+
+        def refuse(*args):
+            raise AssertionError("an eager call went through the custom op")
+
+        monkeypatch.setattr(backend_mod, "quant_linear_op", refuse)
+        for _ in range(2):  # the first call resolves the launch, the second reuses it
+            assert torch.equal(layer(x), want[0]) and torch.equal(layer(strided), want[1])
+    assert layer.kernel == "triton"
+    with pytest.raises(ValueError, match="last dimension is 95, but the layer has in_features=96"):
+        layer(x[..., :95])
+    # Autograd through the input keeps the custom op (it says it has no derivative), as before.
+    with pytest.raises(AssertionError, match="went through the custom op"):
+        layer(x.clone().requires_grad_())
+
+
+@needs_triton
+@runs_triton
+def test_triton_prepare_checks_the_stored_tensors_once() -> None:
+    layer = _layer("triton").to(DEVICE)
+    layer.scales.data = layer.scales.data[:, :-1].contiguous()  # damaged after construction
+    with pytest.raises(ValueError, match=r"scales must be float \(3, 40\)"):
+        layer(torch.randn(1, 96, dtype=torch.float16, device=DEVICE))
+
+
+@needs_triton
+@runs_triton
 def test_custom_op_passes_opcheck() -> None:
     layer = _layer("triton").to(DEVICE)
     x = torch.randn(2, 96, dtype=torch.float16, device=DEVICE)

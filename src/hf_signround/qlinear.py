@@ -228,7 +228,7 @@ class QuantLinear(nn.Module):
         if kernel.name != "torch" and _offloaded(self):
             kernel = choose("torch", self, device, dtype)  # accelerate swaps the weights in on every call
         with torch.no_grad():
-            prepared = kernel.prepare(self, dtype)
+            prepared = kernel.prepare(self, device, dtype)
         self._plan = Plan(kernel, device, dtype, prepared, kernel.runner())
         if getattr(prepared, "holds_codes", False):  # keep one copy: stored_qweight() rebuilds the codes from it
             drop_file_pages(self.qweight)  # when it was read from a memory-mapped checkpoint

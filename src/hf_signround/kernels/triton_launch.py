@@ -66,13 +66,14 @@ def kernel_for_rows(rows: int) -> str:
     return "decode" if rows <= DECODE_MAX_ROWS else "prefill" if rows <= DEQUANT_MIN_ROWS else "dequant"
 
 
-def _check(x, qweight, scales, qzeros, bias, bits, group_size, in_features) -> None:
-    reason = unsupported_reason(x.dtype, bits, group_size)
-    if reason:
-        raise ValueError(reason)
+def _check_input(x: torch.Tensor, in_features: int) -> None:
+    if x.shape[-1] != in_features:
+        raise ValueError(f"the input's last dimension is {x.shape[-1]}, but the layer has in_features={in_features}")
+
+
+def _check_stored(qweight, scales, qzeros, bias, bits, group_size, in_features, device: torch.device) -> None:
+    """The stored tensors against the layer's shape, and on ``device`` (where the input is)."""
     k = in_features
-    if x.shape[-1] != k:
-        raise ValueError(f"the input's last dimension is {x.shape[-1]}, but the layer has in_features={k}")
     if qweight.dtype != torch.int32 or qweight.ndim != 2 or qweight.shape[0] != packed_rows(k, bits):
         raise ValueError(
             f"qweight must be int32 ({packed_rows(k, bits)}, N) for in_features={k}, bits={bits}; got "
@@ -91,10 +92,18 @@ def _check(x, qweight, scales, qzeros, bias, bits, group_size, in_features) -> N
     for name, t in (("qweight", qweight), ("scales", scales), ("qzeros", qzeros), ("bias", bias)):
         if t is None:
             continue
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but the input is on {x.device}: move the layer and input together")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {device}: move the layer and input together")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous; call .contiguous() on it (the packed layout is row-major)")
+
+
+def _check(x, qweight, scales, qzeros, bias, bits, group_size, in_features) -> None:
+    reason = unsupported_reason(x.dtype, bits, group_size)
+    if reason:
+        raise ValueError(reason)
+    _check_input(x, in_features)
+    _check_stored(qweight, scales, qzeros, bias, bits, group_size, in_features, x.device)
 
 
 def _fits(kind: str, cfg: dict, bits: int) -> bool:
@@ -115,39 +124,64 @@ WAVES = 4
 _SMS: dict[torch.device, int] = {}
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv and next_power_of_2 cost about 3 us a call (constexpr wrappers)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def _auto_split(tiles: int, k_tiles: int, device: torch.device) -> int:
     if device not in _SMS:
         _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    want = triton.cdiv(WAVES * _SMS[device], tiles)
-    return max(1, min(16, triton.next_power_of_2(want), k_tiles))
+    want = _cdiv(WAVES * _SMS[device], tiles)
+    return max(1, min(16, _next_pow2(want), k_tiles))
+
+
+class _Launch:
+    """What a launch of ``kind`` with ``cfg`` for ``m`` rows needs besides the tensors: the kernel bound to its
+    grid, the sizes, the constexprs and the split-K counters. Built once per layer and row count by
+    :class:`LayerLauncher`, so a call only allocates the output (and split-K partials) and launches."""
+
+    __slots__ = ("kernel", "sizes", "consts", "split", "locks")
+
+    def __init__(self, kind: str, cfg: dict, m: int, n: int, k: int, zw: int, bits: int, group_size: int,
+                 sym: bool, has_bias: bool, dtype: torch.dtype, device: torch.device):
+        meta = dict(cfg)
+        tiles = _cdiv(n, meta["BLOCK_N"]) * (1 if kind == "gemv" else _cdiv(m, meta["BLOCK_M"]))
+        if not meta["SPLIT_K"]:  # 0: split K until the grid is about WAVES programs per multiprocessor
+            meta["SPLIT_K"] = _auto_split(tiles, _cdiv(k, meta["BLOCK_K"]), device)
+        self.split = meta["SPLIT_K"]
+        self.locks = _locks(device, tiles) if self.split > 1 else None
+        self.consts = dict(BITS=bits, GROUP_SIZE=group_size, SYM=sym, HAS_BIAS=has_bias, **meta)
+        grid = (tiles, self.split)
+        if kind == "gemv":
+            self.kernel, self.sizes = gemv_kernel[grid], (n, k, zw)
+            self.consts["STAGES"] = meta["num_stages"]
+        else:
+            self.kernel, self.sizes = gemm_kernel[grid], (m, n, k, zw)
+            self.consts["DOT_F32"] = triton_interpret() and dtype == torch.bfloat16
+
+    def __call__(self, x2, qweight, scales, qzeros, bias, y) -> None:
+        if self.split > 1:
+            ws = torch.empty((self.split, *y.shape), dtype=torch.float32, device=y.device)
+            locks = self.locks
+        else:
+            ws = locks = y
+        self.kernel(x2, qweight, scales, qweight if qzeros is None else qzeros, y if bias is None else bias, y,
+                    ws, locks, *self.sizes, **self.consts)
 
 
 def _launch(kind, cfg, x2, qweight, scales, qzeros, bias, y, bits, group_size):
     m, k = x2.shape
-    n = qweight.shape[1]
-    meta = dict(cfg)
-    tiles = triton.cdiv(n, meta["BLOCK_N"]) * (1 if kind == "gemv" else triton.cdiv(m, meta["BLOCK_M"]))
-    if not meta["SPLIT_K"]:  # 0: split K until the grid is about WAVES programs per multiprocessor
-        meta["SPLIT_K"] = _auto_split(tiles, triton.cdiv(k, meta["BLOCK_K"]), x2.device)
-    split = meta["SPLIT_K"]
-    grid = (tiles, split)
-    if split > 1:
-        ws = torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
-        locks = _locks(x2.device, tiles)
-    else:
-        ws = locks = y
-    args = (x2, qweight, scales, qweight if qzeros is None else qzeros, y if bias is None else bias, y, ws, locks)
-    consts = dict(BITS=bits, GROUP_SIZE=group_size, SYM=qzeros is None, HAS_BIAS=bias is not None, **meta)
     zw = 0 if qzeros is None else qzeros.shape[1]
-    if kind == "gemv":
-        gemv_kernel[grid](*args, n, k, zw, STAGES=meta["num_stages"], **consts)
-    else:
-        dot_f32 = triton_interpret() and x2.dtype == torch.bfloat16
-        gemm_kernel[grid](*args, m, n, k, zw, DOT_F32=dot_f32, **consts)
+    _Launch(kind, cfg, m, qweight.shape[1], k, zw, bits, group_size, qzeros is None, bias is not None, x2.dtype,
+            x2.device)(x2, qweight, scales, qzeros, bias, y)
 
 
 def _rows_bucket(kind: str, m: int) -> int:
-    return 1 if kind != "prefill" else min(triton.next_power_of_2(m), 4096)
+    return 1 if kind != "prefill" else min(_next_pow2(m), 4096)
 
 
 def _choose(kind: str, key: tuple, launch, device: torch.device) -> dict:
@@ -182,7 +216,7 @@ def _choose(kind: str, key: tuple, launch, device: torch.device) -> dict:
 def _launch_dequant(cfg: dict, qweight, scales, qzeros, w, bits: int, group_size: int) -> None:
     k, n = w.shape
     meta = dict(cfg)
-    grid = (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(n, meta["BLOCK_N"]))
+    grid = (_cdiv(k, meta["BLOCK_K"]), _cdiv(n, meta["BLOCK_N"]))
     zw = 0 if qzeros is None else qzeros.shape[1]
     dequant_kernel[grid](qweight, scales, qweight if qzeros is None else qzeros, w, n, k, zw, BITS=bits,
                          GROUP_SIZE=group_size, SYM=qzeros is None, **meta)
@@ -248,3 +282,56 @@ def quant_linear(
                                                              group_size), x2.device)
         _launch(kind, cfg, x2, qweight, scales, qzeros, bias, y, bits, group_size)
     return y.reshape(*x.shape[:-1], n)
+
+
+class LayerLauncher:
+    """``quant_linear`` for one layer, with the per-call work cut to the input's: the stored tensors are
+    checked once here, and each row count's launch (kernel, config, grid, constexprs) is resolved on its
+    first call and kept. The eager path of the ``triton`` backend (``QuantLinear.prepare`` builds it);
+    ``torch.compile`` goes through the ``hf_signround::quant_linear`` custom op instead.
+
+    Calls take the stored tensors (not kept here) and must come with ``dtype`` activations on ``device``,
+    as ``QuantLinear`` guarantees. Above ``DEQUANT_MIN_ROWS`` rows it runs ``quant_linear`` as is.
+    """
+
+    def __init__(self, qweight, scales, qzeros, bias, bits: int, group_size: int, in_features: int,
+                 dtype: torch.dtype, device: torch.device):
+        reason = unsupported_reason(dtype, bits, group_size)
+        if reason:
+            raise ValueError(reason)
+        _check_stored(qweight, scales, qzeros, bias, bits, group_size, in_features, device)
+        self.bits, self.group_size, self.in_features = bits, group_size, in_features
+        self.n = qweight.shape[1]
+        self.zw = 0 if qzeros is None else qzeros.shape[1]
+        self.sym, self.has_bias = qzeros is None, bias is not None
+        self.dtype, self.device = dtype, device
+        self._launches: dict[int, _Launch] = {}  # rows -> launch, for 1..DEQUANT_MIN_ROWS rows
+
+    def __call__(self, x, qweight, scales, qzeros, bias) -> torch.Tensor:
+        k = self.in_features
+        _check_input(x, k)
+        x2 = x.reshape(-1, k)
+        m = x2.shape[0]
+        if m == 0 or m > DEQUANT_MIN_ROWS:
+            return quant_linear(x, qweight, scales, qzeros, bias, self.bits, self.group_size, k)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = torch.empty((m, self.n), dtype=x.dtype, device=x.device)
+        launch = self._launches.get(m)
+        with _on_device(x2.device):
+            if launch is None:
+                launch = self._resolve(m, x2, qweight, scales, qzeros, bias, y)
+            launch(x2, qweight, scales, qzeros, bias, y)
+        return y.view(*x.shape[:-1], self.n)
+
+    def _resolve(self, m, x2, qweight, scales, qzeros, bias, y) -> _Launch:
+        kind = kernel_for_rows(m)
+        key = (kind, _rows_bucket(kind, m), self.n, self.in_features, self.bits, self.group_size, self.sym,
+               self.has_bias, self.dtype, self.device)
+        cfg = _choose(kind, key, lambda c: _launch(kind, c, x2, qweight, scales, qzeros, bias, y, self.bits,
+                                                   self.group_size), self.device)
+        launch = _Launch(kind, cfg, m, self.n, self.in_features, self.zw, self.bits, self.group_size, self.sym,
+                         self.has_bias, self.dtype, self.device)
+        if key in TUNED or triton_interpret() or self.device.type != "cuda":
+            self._launches[m] = launch  # not an untuned default taken while a CUDA graph was captured
+        return launch
