@@ -3,7 +3,8 @@
 For each model and bit width (round-to-nearest, G128, asymmetric: the config's defaults):
 
 * **speed** -- one process loads the float32 model, ours (``from_pretrained`` of the saved
-  checkpoint, as a user would) and auto-round's loader with its ARK kernel on our GPTQ export
+  checkpoint, as a user would; with ``--unfused`` also with its sibling layers run apart)
+  and auto-round's loader with its ARK kernel on our GPTQ export
   of the same weights (2, 4 and 8 bits: it has no 3-bit CPU kernel), then times, interleaved
   and best of ``--repeats``: a prefill of 512 tokens (one forward) and a batch-1 greedy decode
   of 32 tokens (``generate`` after an 8-token prompt);
@@ -72,7 +73,7 @@ def quantized_dirs(source: Path, model: str, bits: int, work: Path) -> tuple[Pat
     return ours, gptq
 
 
-def load(kind: str, folder: Path, dtype: str = "float32", backend: str | None = None):
+def load(kind: str, folder: Path, dtype: str = "float32", backend: str | None = None, fused: bool = True):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -82,10 +83,14 @@ def load(kind: str, folder: Path, dtype: str = "float32", backend: str | None = 
         return AutoModelForCausalLM.from_pretrained(folder, quantization_config=AutoRoundConfig(backend="ark"),
                                                     dtype=getattr(torch, dtype)).eval()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
-    if backend is not None:
+    if backend is not None or not fused:
+        from hf_signround.fusion import fuse_siblings
         from hf_signround.qlinear import prepare_model, set_backend
 
-        set_backend(model, backend)
+        if not fused:
+            fuse_siblings(model, enable=False)
+        if backend is not None:
+            set_backend(model, backend)
         prepare_model(model)
     return model
 
@@ -174,6 +179,8 @@ def bench_model(model: str, bits_list: list[int], args) -> list[dict]:
     loaded = {"float32": load("float", source)}
     for b, (ours, gptq) in folders.items():
         loaded[f"ours W{b}"] = load("ours", ours)
+        if args.unfused:
+            loaded[f"ours W{b}, unfused"] = load("ours", ours, fused=False)
         if gptq is not None and not args.no_auto_round:
             loaded[f"auto-round W{b}"] = load("auto-round", gptq)
     if model == "smollm2" and 4 in folders and not args.no_reference:
@@ -248,6 +255,8 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the reference-kernel row")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also time ours with q/k/v and gate/up run apart (fusion.fuse_siblings(model, False))")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -9,17 +9,19 @@ what it finished, and the file is rewritten after every stage, so a run cut shor
    and the fused prefill kernel against dequantize-then-cuBLAS at M = 32..512, which sets
    ``triton_launch.DEQUANT_MIN_ROWS``;
 2. ``e2e`` -- greedy decode tokens/s of a random Llama-3-8B-shaped model (8 layers), W4G128
-   against float16, ``generate`` compiled (static cache, CUDA graphs) and eager;
+   against float16, ``generate`` compiled (static cache, CUDA graphs) and eager, with q/k/v and
+   gate/up fused as a loaded model runs them, and eager with them apart (what fusion buys);
 3. ``tuning`` -- quantizing a 2-block Llama-3-8B-shaped model with tuning (W4G128 sym, 50
    steps, 32 x 512 tokens, batch 8), ours against auto-round's at the same settings (needs
    ``auto-round``; carry its wheel);
 4. ``tests`` -- the GPU tests (``tests/test_triton_kernels.py``, ``tests/test_backend.py``,
-   ``tests/test_cpu_kernels.py``) under pytest-xdist.
+   ``tests/test_cpu_kernels.py``, ``tests/test_fusion.py``) under pytest-xdist.
 
 Writes ``benchmarks/results/gpu.json``: a flat object with ``device``, ``m1_w4_speedup`` (the
 minimum over the shapes), ``m16_w4_speedup``, ``prefill2048_w4_ratio``, ``e2e_decode_w4_speedup``
-(compiled), ``eager_decode_w4_speedup``, ``tune_speed_vs_autoround`` (auto-round's time over
-ours), ``dequant_min_rows`` and ``tests``, plus a ``details`` object.
+(compiled), ``eager_decode_w4_speedup``, ``eager_decode_w4_unfused_speedup``,
+``tune_speed_vs_autoround`` (auto-round's time over ours), ``dequant_min_rows`` and ``tests``,
+plus a ``details`` object.
 
     python benchmarks/gpu_check.py                 # on the GPU machine
     python benchmarks/gpu_check.py --smoke         # every stage at toy sizes on CPU (Triton's interpreter)
@@ -135,21 +137,28 @@ def stage_e2e(args, device) -> dict:
     import torch
 
     from hf_signround import SignRoundV2Config, quantize_model
+    from hf_signround.fusion import fuse_siblings
 
     model = random_llama(args.e2e_shape, args.e2e_layers, torch.float16, device)
     qmodel = copy.deepcopy(model)
     quantize_model(qmodel, SignRoundV2Config(bits=4, group_size=128, iters=0, device=str(device)))
+    fuse_siblings(qmodel)  # as from_pretrained leaves a loaded model: q/k/v and gate/up one product each
     out: dict = {"layers": args.e2e_layers, "shape": args.e2e_shape}
     modes = ("compiled", "eager") if device.type == "cuda" else ("eager",)
-    for name, m in (("fp16", model), ("w4g128", qmodel)):
-        for mode in modes:
+    runs = [("fp16", model, modes), ("w4g128", qmodel, modes), ("w4g128_unfused", qmodel, ("eager",))]
+    for name, m, these in runs:
+        if name == "w4g128_unfused":
+            fuse_siblings(qmodel, enable=False)
+        for mode in these:
             try:
                 out[f"{name}_{mode}"] = decode_tokens_per_s(m, args.e2e_tokens, mode == "compiled", device)
             except Exception as err:  # noqa: BLE001 - recorded; the other figures still count
                 out[f"{name}_{mode}"] = {"error": f"{type(err).__name__}: {err}"[:400]}
             log(f"e2e {name} {mode}: {out[f'{name}_{mode}']}")
-    for mode, key in (("compiled", "e2e_decode_w4_speedup"), ("eager", "eager_decode_w4_speedup")):
-        a, b = out.get(f"w4g128_{mode}", {}), out.get(f"fp16_{mode}", {})
+    for name, mode, key in (("w4g128", "compiled", "e2e_decode_w4_speedup"),
+                            ("w4g128", "eager", "eager_decode_w4_speedup"),
+                            ("w4g128_unfused", "eager", "eager_decode_w4_unfused_speedup")):
+        a, b = out.get(f"{name}_{mode}", {}), out.get(f"fp16_{mode}", {})
         out[key] = ratio(a["tokens_per_s"], b["tokens_per_s"]) if "tokens_per_s" in a and "tokens_per_s" in b \
             else None
     return out
@@ -248,7 +257,7 @@ def sync(device) -> None:
 
 def stage_tests(args, device) -> dict:
     cmd = [sys.executable, "-m", "pytest", "tests/test_triton_kernels.py", "tests/test_backend.py",
-           "tests/test_cpu_kernels.py", "-q", "-p", "no:cacheprovider", "-x"]
+           "tests/test_cpu_kernels.py", "tests/test_fusion.py", "-q", "-p", "no:cacheprovider", "-x"]
     if args.test_workers > 1:
         cmd += ["-n", str(args.test_workers)]
     if args.smoke:
@@ -262,7 +271,7 @@ def stage_tests(args, device) -> dict:
 
 STAGES = {"kernels": stage_kernels, "e2e": stage_e2e, "tuning": stage_tuning, "tests": stage_tests}
 KEYS = {"kernels": ("m1_w4_speedup", "m16_w4_speedup", "prefill2048_w4_ratio", "dequant_min_rows"),
-        "e2e": ("e2e_decode_w4_speedup", "eager_decode_w4_speedup"), "tuning": ("tune_speed_vs_autoround",),
+        "e2e": ("e2e_decode_w4_speedup", "eager_decode_w4_speedup", "eager_decode_w4_unfused_speedup"), "tuning": ("tune_speed_vs_autoround",),
         "tests": ("tests",)}
 
 

@@ -20,7 +20,9 @@ def test_smoke_run_writes_every_key(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert set(result) >= {"device", "m1_w4_speedup", "m16_w4_speedup", "prefill2048_w4_ratio", "e2e_decode_w4_speedup",
-                           "eager_decode_w4_speedup", "tune_speed_vs_autoround", "dequant_min_rows", "details"}
+                           "eager_decode_w4_speedup", "eager_decode_w4_unfused_speedup", "tune_speed_vs_autoround",
+                           "dequant_min_rows", "details"}
     assert "error" not in result["details"]["kernels"] and "error" not in result["details"]["e2e"]
     assert result["m1_w4_speedup"] > 0 and result["prefill2048_w4_ratio"] > 0 and result["eager_decode_w4_speedup"] > 0
+    assert result["eager_decode_w4_unfused_speedup"] > 0
     assert result["e2e_decode_w4_speedup"] is None  # compiled decode needs CUDA graphs

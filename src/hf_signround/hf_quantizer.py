@@ -23,6 +23,7 @@ from .blocks import find_blocks
 from .calibration import calibration_windows, is_token_ids
 from .checkpoint import LAYOUT_KEY, check_checkpoint, config_fingerprint, without_merges_into_split_experts
 from .config import QUANT_METHOD, SignRoundV2Config
+from .fusion import fuse_siblings
 from .qlinear import prepare_model
 from .quantize import quantize_model, replace_with_empty_quant_linears
 
@@ -68,6 +69,7 @@ class SignRoundV2HfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         if self.pre_quantized:
+            fuse_siblings(model)  # q/k/v and gate/up run as one product each
             prepare_model(model)  # choose kernels and convert weights now, not in the first forward
             return model
         config = self.quantization_config
@@ -77,6 +79,7 @@ class SignRoundV2HfQuantizer(HfQuantizer):
         calibration, scoring = calibration_windows(config)
         self.result = quantize_model(model, config, calibration, skip=skip, scoring=scoring)
         config.record(self.result)  # the keys save_pretrained writes into config.json
+        fuse_siblings(model)
         return model
 
     def update_weight_conversions(self, weight_conversions, model):

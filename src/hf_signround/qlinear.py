@@ -81,6 +81,7 @@ class QuantLinear(nn.Module):
         self.scale_dtype = scale_dtype
         self.bias_dtype = scale_dtype if bias_dtype is None else bias_dtype
         self._plan: Plan | None = None  # the kernel chosen for the last device and dtype (see prepare)
+        self._siblings = None  # a fusion.Siblings group this layer runs in (fusion.fuse_siblings links it)
 
         # Registration order fixes the state-dict key order: qweight, scales, qzeros, bias.
         self.qweight = _frozen(
@@ -223,6 +224,11 @@ class QuantLinear(nn.Module):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        if self._siblings is not None:  # the group prepares one fused layer and every member's share of it
+            plan = self._plan
+            if plan is None or plan.device != device or plan.dtype != dtype:
+                self._siblings.prepare(device, dtype)
+            return self._plan
         self.release()
         kernel = choose(self.backend, self, device, dtype)
         if kernel.name != "torch" and _offloaded(self):
@@ -237,7 +243,10 @@ class QuantLinear(nn.Module):
         return self._plan
 
     def release(self) -> None:
-        """Drop the chosen kernel and its prepared weights, restoring the stored ``qweight``."""
+        """Drop the chosen kernel and its prepared weights, restoring the stored ``qweight`` (of every
+        member of this layer's sibling group, when it runs fused)."""
+        if self._siblings is not None:
+            self._siblings.release()
         if self._plan is not None and self.qweight.device.type == "meta":
             self.qweight = _frozen(self._plan.prepared.stored_qweight(self))
         self._plan = None
