@@ -10,7 +10,9 @@ what it finished, and the file is rewritten after every stage, so a run cut shor
    ``triton_launch.DEQUANT_MIN_ROWS``;
 2. ``e2e`` -- greedy decode tokens/s of a random Llama-3-8B-shaped model (8 layers), W4G128
    against float16, ``generate`` compiled (static cache, CUDA graphs) and eager, with q/k/v and
-   gate/up fused as a loaded model runs them, and eager with them apart (what fusion buys);
+   gate/up fused as a loaded model runs them, and eager with them apart (what fusion buys); and
+   the host time of one layer call and of one layer's seven projections
+   (``benchmarks/call_overhead.py``);
 3. ``tuning`` -- quantizing a 2-block Llama-3-8B-shaped model with tuning (W4G128 sym, 50
    steps, 32 x 512 tokens, batch 8), ours against auto-round's at the same settings (needs
    ``auto-round``; carry its wheel);
@@ -144,6 +146,11 @@ def stage_e2e(args, device) -> dict:
     quantize_model(qmodel, SignRoundV2Config(bits=4, group_size=128, iters=0, device=str(device)))
     fuse_siblings(qmodel)  # as from_pretrained leaves a loaded model: q/k/v and gate/up one product each
     out: dict = {"layers": args.e2e_layers, "shape": args.e2e_shape}
+    if device.type == "cuda":  # host time a call and a layer (on CPU it stubs the kernels: call_overhead.py)
+        from benchmarks.call_overhead import measure, measure_layer
+
+        out["call_overhead"] = {**measure(device), **measure_layer(device)}
+        log(f"call overhead: {out['call_overhead']}")
     modes = ("compiled", "eager") if device.type == "cuda" else ("eager",)
     runs = [("fp16", model, modes), ("w4g128", qmodel, modes), ("w4g128_unfused", qmodel, ("eager",))]
     for name, m, these in runs:

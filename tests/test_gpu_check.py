@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.py, the one-call GPU check, run at toy sizes on CPU: every key it promises is written."""
+"""benchmarks/gpu_check.py, the one-call GPU check, run at toy sizes on CPU: every key it promises is written;
+and benchmarks/call_overhead.py, which it runs on a GPU."""
 
 from __future__ import annotations
 
@@ -26,3 +27,13 @@ def test_smoke_run_writes_every_key(tmp_path):
     assert result["m1_w4_speedup"] > 0 and result["prefill2048_w4_ratio"] > 0 and result["eager_decode_w4_speedup"] > 0
     assert result["eager_decode_w4_unfused_speedup"] > 0
     assert result["e2e_decode_w4_speedup"] is None  # compiled decode needs CUDA graphs
+
+
+def test_call_overhead_runs_and_writes_its_figures(tmp_path):
+    out = tmp_path / "call_overhead.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "call_overhead.py"), "--calls", "20", "--repeats",
+                           "1", "--out", str(out)], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["us_per_call"]) == {"eager", "custom op"} and set(result["layer_us"]) == {"apart", "fused"}
+    assert all(v > 0 for v in [*result["us_per_call"].values(), *result["layer_us"].values()])
