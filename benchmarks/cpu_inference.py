@@ -128,6 +128,11 @@ def child_memory(kind: str, folder: str, vocab: int) -> None:
 
     if kind == "auto-round":
         import auto_round  # noqa: F401
+    if kind == "ours-unfused":  # loaded as before fusion.py: the loader links no sibling layers
+        import hf_signround.hf_quantizer
+
+        hf_signround.hf_quantizer.fuse_siblings = lambda model: 0
+        kind = "ours"
     floor = rss_mb("VmRSS")
     model = load(kind, Path(folder))
     gen = torch.Generator().manual_seed(0)
@@ -213,6 +218,8 @@ def bench_model(model: str, bits_list: list[int], args) -> list[dict]:
         memory = {"float32": measure_memory("float", source, vocab)}
         for b, (ours, gptq) in folders.items():
             memory[f"ours W{b}"] = measure_memory("ours", ours, vocab)
+            if args.unfused:
+                memory[f"ours W{b}, unfused"] = measure_memory("ours-unfused", ours, vocab)
             if gptq is not None and not args.no_auto_round:
                 memory[f"auto-round W{b}"] = measure_memory("auto-round", gptq, vocab)
         for row in rows:

@@ -113,6 +113,9 @@ def test_members_in_any_order_repeated_or_fed_another_tensor_give_their_own_outp
     group = block.q._siblings
     block.k(x), block.v(x)
     assert group._state is None, "the fused output is let go once every member has its share"
+    with torch.inference_mode():  # inference tensors keep no version counter
+        y = torch.randn(1, 96)
+        assert torch.equal(block(y), _Attention()(y))
 
 
 def fuse_siblings_of(block: nn.Module) -> int:
@@ -154,6 +157,10 @@ def test_a_state_dict_load_or_a_move_rebuilds_the_fused_layer() -> None:
         block.to(torch.float64)  # a move: every member released, rebuilt on the next call
         assert block.q._siblings.fused is None and block.q.qweight.device.type == "cpu"
         assert torch.equal(block(x.double()), donor.to(torch.float64)(x.double()))
+        set_backend(block.k, "auto")  # one member on another backend: the group parts on the next call
+        set_backend(donor.k, "auto")
+        assert torch.equal(block(x.double()), donor(x.double()))
+        assert all(m._siblings is None for m in block.children()) and block.q.kernel == "torch"
 
 
 def test_layers_that_differ_in_layout_stay_apart() -> None:
@@ -186,7 +193,7 @@ def test_a_model_the_probe_cannot_run_keeps_its_layers_apart(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="hf_signround.fusion"):
         assert fuse_siblings(model) == 0
     assert "probe that finds layers reading one input failed (ValueError: pixel_values are required)" in caplog.text
-    assert all(m._siblings is None and "forward" not in vars(m) for m in _layers(model).values())
+    assert all(m._siblings is None and not m._probing for m in _layers(model).values())
 
 
 def test_save_and_reload_fuse_again_and_save_the_same_tensors(tmp_path) -> None:
@@ -239,3 +246,23 @@ def test_triton_fused_model_matches_unfused() -> None:
         ref = model(ids).logits.float()
     assert ((fused - alone).norm() / alone.norm()).item() < 2e-3
     assert ((fused - ref).norm() / ref.norm()).item() < 5e-3
+
+
+def test_an_offloaded_checkpoint_probes_without_losing_accelerates_hooks(tmp_path) -> None:
+    # block 1 on disk: accelerate's hooks bring its weights in call by call; its layers stay apart
+    model = _quantized()
+    model.config.quantization_config = SignRoundV2Config(bits=4, group_size=32, iters=0)
+    model.config.quantization_config.layer_config = {n: {"bits": 4, "group_size": 32, "sym": False}
+                                                     for n in _layers(model)}
+    model.save_pretrained(tmp_path / "q")
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map=device_map,
+                                                     offload_folder=tmp_path / "offload")
+    resident = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    linked = {n: m._siblings is not None for n, m in _layers(offloaded).items()}
+    assert linked["model.layers.0.self_attn.k_proj"] and not any(v for n, v in linked.items() if ".layers.1." in n)
+    ids = torch.tensor([[1, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(input_ids=ids).logits, resident(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)  # offloaded layers run the reference kernel

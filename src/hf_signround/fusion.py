@@ -12,7 +12,9 @@ the fused product on its input and keeps the result; a sibling called with the s
 (same object, unchanged since: its version counter) takes its columns of that result (a
 view, no copy); once every member has taken its share the result is let go. A call with any
 other input, or a second call of a member, runs the fused product afresh, so the outputs are
-those of the members run alone whatever the calling order. Two threads sharing one model stay
+those of the members run alone whatever the calling order. (Under ``torch.inference_mode``
+and ``torch.compile`` there is no version to read: an input changed in place between two
+siblings' calls, which no model does, would go unseen there.) Two threads sharing one model stay
 correct (each call's state is one tuple swapped whole) but each may recompute.
 
 Why: on a GPU a decode step is launch-bound (about 224 linear calls a token for a 32-layer
@@ -45,6 +47,11 @@ def _layout(layer: QuantLinear) -> tuple:
     """What members must share to be one matrix."""
     return (layer.in_features, layer.bits, layer.group_size, layer.sym, layer.scales.dtype,
             None if layer.bias is None else layer.bias.dtype, layer.backend, layer.scales.device)
+
+
+def _fusable(members: list[QuantLinear]) -> bool:
+    """One layout and device, none offloaded (accelerate swaps offloaded weights in call by call)."""
+    return len({_layout(m) for m in members}) == 1 and not any(_offloaded(m) for m in members)
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,11 @@ class Siblings:
         self.fused.release()
         self.fused, self._state = None, None
 
+    def can_fuse(self) -> bool:
+        """Whether the members still share one layout and device, none offloaded (a move, ``set_backend`` on
+        one member or accelerate's offloading can part them)."""
+        return _fusable(self.members)
+
     def unlink(self) -> None:
         self.release()
         for member in self.members:
@@ -127,8 +139,8 @@ class Siblings:
     # ------------------------------------------------------------------ running
     def output(self, share: _Share, x: torch.Tensor) -> torch.Tensor:
         """Member ``share.index``'s output for ``x``: its columns of the fused product."""
-        compiling = torch.compiler.is_compiling()  # a traced graph orders its ops; versions are not traceable
-        version = 0 if compiling else x._version
+        # A traced graph orders its ops, and versions are not traceable; inference tensors keep none.
+        version = 0 if torch.compiler.is_compiling() or x.is_inference() else x._version
         state = self._state
         if state is None or state[0] is not x or state[1] != version or share.index in state[3]:
             plan = self.fused._plan
@@ -161,22 +173,16 @@ def sibling_groups(model: nn.Module) -> list[list[str]]:
     weight = getattr(embeddings, "weight", None)
     device = weight.device if weight is not None and weight.device.type != "meta" else torch.device("cpu")
     try:
-        for layer in layers.values():  # an instance attribute shadows the class's forward while probing
-            layer.forward = _zeros_like_output(layer.out_features)
-        with watcher.watch(layers):
-            model(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device))
+        for layer in layers.values():  # with no kernel chosen, a probing layer answers zeros (QuantLinear.forward)
+            layer.release()
+            layer._probing = True
+        with watcher.watch(layers):  # the base model: an output head's weights (mapped, maybe large) stay on disk
+            getattr(model, "base_model", model)(input_ids=torch.zeros(1, 4, dtype=torch.long, device=device))
     finally:
         for layer in layers.values():
-            layer.__dict__.pop("forward", None)
+            layer._probing = False
     groups = [g for g in watcher.found if len(g) > 1]
     return groups + expert_pairs(model, [n for n in layers if n not in watcher.seen])
-
-
-def _zeros_like_output(out_features: int):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros(*x.shape[:-1], out_features)
-
-    return forward
 
 
 def fuse_siblings(model: nn.Module, enable: bool = True) -> int:
@@ -203,7 +209,7 @@ def fuse_siblings(model: nn.Module, enable: bool = True) -> int:
     linked = 0
     for names in groups:
         members = [modules[n] for n in names]
-        if len({_layout(m) for m in members}) != 1 or any(_offloaded(m) for m in members):
+        if not _fusable(members):
             logger.debug("hf_signround: %s stay apart (their layouts differ, or they are offloaded)", names)
             continue
         group = Siblings(members)

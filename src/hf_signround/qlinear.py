@@ -82,6 +82,7 @@ class QuantLinear(nn.Module):
         self.bias_dtype = scale_dtype if bias_dtype is None else bias_dtype
         self._plan: Plan | None = None  # the kernel chosen for the last device and dtype (see prepare)
         self._siblings = None  # a fusion.Siblings group this layer runs in (fusion.fuse_siblings links it)
+        self._probing = False  # while fusion.sibling_groups probes: answer zeros, choose no kernel
 
         # Registration order fixes the state-dict key order: qweight, scales, qzeros, bias.
         self.qweight = _frozen(
@@ -211,6 +212,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._plan
         if plan is None or plan.device != x.device or plan.dtype != x.dtype:
+            if self._probing:
+                return x.new_zeros(*x.shape[:-1], self._out_features)
             plan = self.prepare(x.device, x.dtype)
         return plan.run(self, x, plan.prepared)
 
@@ -224,6 +227,10 @@ class QuantLinear(nn.Module):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
+        if self._siblings is not None and not self._siblings.can_fuse():
+            logger.debug("%s: its sibling layers were parted (device, backend, offloading): they run apart",
+                         self.extra_repr())
+            self._siblings.unlink()
         if self._siblings is not None:  # the group prepares one fused layer and every member's share of it
             plan = self._plan
             if plan is None or plan.device != device or plan.dtype != dtype:
