@@ -39,28 +39,27 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def measure(device, calls: int = 2000, repeats: int = 7, n: int = 4096, k: int = 4096) -> dict:
+def _w4_layer(n: int, k: int, device, gen):
+    """A random W4G128 asymmetric QuantLinear on the Triton backend."""
     import torch
-    import torch.nn.functional as F
 
-    from hf_signround.kernels import triton_launch
     from hf_signround.qlinear import QuantLinear
 
-    if device.type == "cpu":
-        triton_launch.gemv_kernel = triton_launch.gemm_kernel = _NoLaunch()
-    gen = torch.Generator().manual_seed(0)
     g = k // 128
-    layer = QuantLinear.from_codes(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8),
-                                   torch.rand(n, g, generator=gen) * 0.01 + 1e-3,
-                                   torch.randint(0, 16, (n, g), generator=gen), bits=4, group_size=128, sym=False,
-                                   bias=None, backend="triton").to(device)
-    x = torch.randn(1, 1, k, dtype=torch.float16, device=device)
-    op = torch.ops.hf_signround.quant_linear
-    ways = {"eager": lambda: layer(x),
-            "custom op": lambda: op(x, layer.qweight, layer.scales, layer.qzeros, None, 4, 128, k)}
-    if device.type == "cuda":
-        w = layer.dequantize_weight(torch.float16)
-        ways["F.linear"] = lambda: F.linear(x, w)
+    return QuantLinear.from_codes(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8),
+                                  torch.rand(n, g, generator=gen) * 0.01 + 1e-3,
+                                  torch.randint(0, 16, (n, g), generator=gen), bits=4, group_size=128, sym=False,
+                                  bias=None, backend="triton").to(device)
+
+
+def _interleaved_us(ways: dict, device, calls: int, repeats: int) -> dict[str, float]:
+    """Best over ``repeats`` rounds of each way's time a call (µs), the ways taking turns in each round."""
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     best = {name: float("inf") for name in ways}
     with torch.no_grad():
         for run in ways.values():  # warm-up: the kernel is chosen, its launch resolved and compiled
@@ -68,35 +67,36 @@ def measure(device, calls: int = 2000, repeats: int = 7, n: int = 4096, k: int =
                 run()
         for _ in range(repeats):
             for name, run in ways.items():
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 start = time.perf_counter()
                 for _ in range(calls):
                     run()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                best[name] = min(best[name], (time.perf_counter() - start) / calls)
-    us = {name: round(t * 1e6, 2) for name, t in best.items()}
+                sync()
+                best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def measure(device, calls: int = 2000, repeats: int = 7, n: int = 4096, k: int = 4096) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from hf_signround.kernels import triton_launch
+
+    if device.type == "cpu":
+        triton_launch.gemv_kernel = triton_launch.gemm_kernel = _NoLaunch()
+    layer = _w4_layer(n, k, device, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 1, k, dtype=torch.float16, device=device)
+    op = torch.ops.hf_signround.quant_linear
+    ways = {"eager": lambda: layer(x),
+            "custom op": lambda: op(x, layer.qweight, layer.scales, layer.qzeros, None, 4, 128, k)}
+    if device.type == "cuda":
+        w = layer.dequantize_weight(torch.float16)
+        ways["F.linear"] = lambda: F.linear(x, w)
+    best = _interleaved_us(ways, device, calls, repeats)
     return {"device": str(device), "what": "host time a call" if device.type == "cuda" else
-            "Python before the launch (kernels stubbed)", "us_per_call": us,
+            "Python before the launch (kernels stubbed)", "us_per_call": {k: round(v, 2) for k, v in best.items()},
             "custom_op_over_eager": round(best["custom op"] / best["eager"], 3),
             **({"eager_over_f_linear": round(best["eager"] / best["F.linear"], 3)} if "F.linear" in best else {})}
-
-
-def _loop_us(run, device, calls: int, repeats: int) -> float:
-    import torch
-
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / calls)
-    return best * 1e6
 
 
 def measure_layer(device, calls: int = 500, repeats: int = 7, hidden: int = 1024, inter: int = 2816,
@@ -107,23 +107,15 @@ def measure_layer(device, calls: int = 500, repeats: int = 7, hidden: int = 1024
     from torch import nn
 
     from hf_signround.fusion import Siblings
-    from hf_signround.qlinear import QuantLinear
 
     gen = torch.Generator().manual_seed(0)
-
-    def layer(n, k):
-        g = k // 128
-        return QuantLinear.from_codes(torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8),
-                                      torch.rand(n, g, generator=gen) * 0.01 + 1e-3,
-                                      torch.randint(0, 16, (n, g), generator=gen), bits=4, group_size=128,
-                                      sym=False, bias=None, backend="triton").to(device)
 
     class Projections(nn.Module):
         def __init__(self):
             super().__init__()
-            self.q, self.k, self.v, self.o = layer(hidden, hidden), layer(kv, hidden), layer(kv, hidden), \
-                layer(hidden, hidden)
-            self.gate, self.up, self.down = layer(inter, hidden), layer(inter, hidden), layer(hidden, inter)
+            self.q, self.k, self.v, self.o = (_w4_layer(n, hidden, device, gen) for n in (hidden, kv, kv, hidden))
+            self.gate, self.up = (_w4_layer(inter, hidden, device, gen) for _ in range(2))
+            self.down = _w4_layer(hidden, inter, device, gen)
 
         def forward(self, x):
             q, k, v = self.q(x), self.k(x), self.v(x)
@@ -135,16 +127,9 @@ def measure_layer(device, calls: int = 500, repeats: int = 7, hidden: int = 1024
         for member in group.members:
             member._siblings = group
     x = torch.randn(1, 1, hidden, dtype=torch.float16, device=device)
-    with torch.no_grad():
-        for model in (apart, fused):
-            for _ in range(10):
-                model(x)
-        us = {"apart": float("inf"), "fused": float("inf")}
-        for _ in range(repeats):
-            for name, model in (("apart", apart), ("fused", fused)):
-                us[name] = min(us[name], _loop_us(lambda m=model: m(x), device, calls, 1))
-    return {"layer_us": {k: round(v, 2) for k, v in us.items()}, "layer_fused_over_apart": round(us["fused"] /
-                                                                                                 us["apart"], 3),
+    us = _interleaved_us({"apart": lambda: apart(x), "fused": lambda: fused(x)}, device, calls, repeats)
+    return {"layer_us": {k: round(v, 2) for k, v in us.items()},
+            "layer_fused_over_apart": round(us["fused"] / us["apart"], 3),
             "layer_shape": {"hidden": hidden, "intermediate": inter, "kv": kv}}
 
 

@@ -14,12 +14,15 @@ pytest.importorskip("triton", reason="the smoke run takes Triton's kernels throu
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_smoke_run_writes_every_key(tmp_path):
-    out = tmp_path / "gpu.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--stages", "kernels",
-                           "e2e", "--out", str(out)], capture_output=True, text=True, timeout=300, check=False)
+def run_benchmark(script: str, out: Path, *args: str) -> dict:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_smoke_run_writes_every_key(tmp_path):
+    result = run_benchmark("gpu_check.py", tmp_path / "gpu.json", "--smoke", "--stages", "kernels", "e2e")
     assert set(result) >= {"device", "m1_w4_speedup", "m16_w4_speedup", "prefill2048_w4_ratio", "e2e_decode_w4_speedup",
                            "eager_decode_w4_speedup", "eager_decode_w4_unfused_speedup", "tune_speed_vs_autoround",
                            "dequant_min_rows", "details"}
@@ -30,10 +33,6 @@ def test_smoke_run_writes_every_key(tmp_path):
 
 
 def test_call_overhead_runs_and_writes_its_figures(tmp_path):
-    out = tmp_path / "call_overhead.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "call_overhead.py"), "--calls", "20", "--repeats",
-                           "1", "--out", str(out)], capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result = run_benchmark("call_overhead.py", tmp_path / "call_overhead.json", "--calls", "20", "--repeats", "1")
     assert set(result["us_per_call"]) == {"eager", "custom op"} and set(result["layer_us"]) == {"apart", "fused"}
     assert all(v > 0 for v in [*result["us_per_call"].values(), *result["layer_us"].values()])
