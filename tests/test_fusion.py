@@ -266,3 +266,19 @@ def test_an_offloaded_checkpoint_probes_without_losing_accelerates_hooks(tmp_pat
     with torch.no_grad():
         torch.testing.assert_close(offloaded(input_ids=ids).logits, resident(input_ids=ids).logits,
                                    rtol=1e-5, atol=1e-5)  # offloaded layers run the reference kernel
+
+
+@pytest.mark.skipif(not ark_installed(), reason="auto-round-lib's CPU kernel (hf-signround[cpu]) is not installed")
+def test_compiled_static_cache_generation_gives_the_eager_tokens() -> None:
+    # the path generate() auto-compiles on a GPU: static cache, the forward compiled with fullgraph=True
+    from transformers import GenerationConfig
+
+    model = _quantized(backend="ark")
+    fuse_siblings(model)
+    ids = torch.randint(3, 60, (1, 6))
+    gen = GenerationConfig(do_sample=False, cache_implementation="static", disable_compile=True, pad_token_id=0,
+                           eos_token_id=None, max_new_tokens=8, min_new_tokens=8)
+    eager = model.generate(ids, generation_config=gen)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    assert torch.equal(model.generate(ids, generation_config=gen), eager)
