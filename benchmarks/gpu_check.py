@@ -220,6 +220,7 @@ def stage_tuning(args, device) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_llama(args.e2e_shape, args.tune_layers, dtype, device)
     n, seqlen, iters = args.tune_windows
+    vocab = args.e2e_shape[4]
     windows = torch.randint(100, vocab - 1, (n, seqlen), generator=torch.Generator().manual_seed(0))
     out: dict = {"blocks": args.tune_layers, "iters": iters, "nsamples": n, "seqlen": seqlen, "batch_size": 8,
                  "scheme": "W4G128 sym"}
