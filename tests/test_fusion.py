@@ -80,6 +80,17 @@ def test_fused_logits_equal_the_members_run_alone(backend, bits, sym, caplog) ->
     assert q.qweight.device.type == "meta" and q.kernel == backend  # one packed copy: the group's
 
 
+@pytest.mark.parametrize("backend", [b for b in ("aten_int4", "ark") if b != "ark" or ark_installed()])
+def test_bfloat16_cpu_kernels_fuse_bit_identically(backend) -> None:
+    model = _quantized(4, False, backend, model=tiny_llama().to(torch.bfloat16))
+    ids = torch.randint(3, 60, (2, 7))
+    with torch.no_grad():
+        alone = model(ids).logits
+        fuse_siblings(model)
+        assert torch.equal(model(ids).logits, alone)
+    assert model.model.layers[0].mlp.up_proj.kernel == backend
+
+
 @pytest.mark.parametrize("model_type", sorted(ZOO))
 def test_every_architecture_fuses_without_changing_its_logits(model_type) -> None:
     model = _quantized(bits=3, model=tiny_zoo_model(model_type))
