@@ -17,7 +17,9 @@ accelerate's offloading hooks only manage parameters.
 with ``.to()`` and a state-dict load undo it). A kernel that keeps the weights in its own
 packed form (auto-round-lib's CPU kernels) replaces ``qweight`` in memory by a placeholder
 on the meta device with the same shape; ``state_dict()``, ``save_pretrained`` and
-:meth:`QuantLinear.stored_qweight` give the stored codes back, bit for bit.
+:meth:`QuantLinear.stored_qweight` give the stored codes back, bit for bit. A layer linked
+into a sibling group (:mod:`hf_signround.fusion`: q/k/v, gate/up) runs its share of the
+group's one fused product instead, with the same guarantees.
 """
 
 from __future__ import annotations
