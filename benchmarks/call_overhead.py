@@ -123,9 +123,8 @@ def measure_layer(device, calls: int = 500, repeats: int = 7, hidden: int = 1024
             return self.down(self.gate(h) * self.up(h)), k, v
 
     apart, fused = Projections(), Projections()
-    for group in (Siblings([fused.q, fused.k, fused.v]), Siblings([fused.gate, fused.up])):
-        for member in group.members:
-            member._siblings = group
+    Siblings.link([fused.q, fused.k, fused.v])
+    Siblings.link([fused.gate, fused.up])
     x = torch.randn(1, 1, hidden, dtype=torch.float16, device=device)
     us = _interleaved_us({"apart": lambda: apart(x), "fused": lambda: fused(x)}, device, calls, repeats)
     return {"layer_us": {k: round(v, 2) for k, v in us.items()},

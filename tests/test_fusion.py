@@ -111,7 +111,7 @@ def test_members_in_any_order_repeated_or_fed_another_tensor_give_their_own_outp
         want = {name: layer(x) for name, layer in block.named_children()}
         want_other = {name: layer(other) for name, layer in block.named_children()}
         ref = block(x)
-        assert fuse_siblings_of(block) == 1
+        Siblings.link(list(block.children()))  # a hand-built block: no input_ids to probe with
         assert torch.equal(block(x), ref)
         for order in (["v", "q", "k"], ["k", "k", "q", "v"], ["q", "v"]):
             for name in order:
@@ -122,26 +122,19 @@ def test_members_in_any_order_repeated_or_fed_another_tensor_give_their_own_outp
         x.mul_(2.0)  # changed in place between two siblings: the version counter sees it
         assert torch.equal(block.k(x), _layer(24, seed=2)(x))
     group = block.q._siblings
-    block.k(x), block.v(x)
+    assert group.fused is not None and block.k.qweight.device.type == "meta", "the calls above ran fused"
+    block.q(x), block.v(x)  # k already has its share of this product
     assert group._state is None, "the fused output is let go once every member has its share"
     with torch.inference_mode():  # inference tensors keep no version counter
         y = torch.randn(1, 96)
         assert torch.equal(block(y), _Attention()(y))
 
 
-def fuse_siblings_of(block: nn.Module) -> int:
-    """Link the children of a hand-built block (no input_ids to probe with)."""
-    group = Siblings(list(block.children()))
-    for member in group.members:
-        member._siblings = group
-    return 1
-
-
 def test_stored_codes_state_dict_and_dequantized_weights_are_unchanged_by_fusion() -> None:
     block = _Attention(backend=CPU_BACKENDS[-1])
     before = {k: v.clone() for k, v in block.state_dict().items()}
     dense = {n: m.dequantize_weight() for n, m in block.named_children()}
-    fuse_siblings_of(block)
+    Siblings.link(list(block.children()))
     with torch.no_grad():
         block(torch.randn(1, 96))
     assert all(m.qweight.device.type == "meta" for m in block.children())
@@ -157,7 +150,7 @@ def test_stored_codes_state_dict_and_dequantized_weights_are_unchanged_by_fusion
 
 def test_a_state_dict_load_or_a_move_rebuilds_the_fused_layer() -> None:
     block, donor = _Attention(), _Attention()
-    fuse_siblings_of(block)
+    Siblings.link(list(block.children()))
     x = torch.randn(3, 96)
     with torch.no_grad():
         block(x)

@@ -126,6 +126,15 @@ class Siblings:
         self.fused.release()
         self.fused, self._state = None, None
 
+    @classmethod
+    def link(cls, members: list[QuantLinear]) -> Siblings:
+        """Group ``members``: each drops any kernel it chose alone, and its next call prepares the group."""
+        group = cls(members)
+        for member in group.members:
+            member.release()
+            member._siblings = group
+        return group
+
     def can_fuse(self) -> bool:
         """Whether the members still share one layout and device, none offloaded (a move, ``set_backend`` on
         one member or accelerate's offloading can part them)."""
@@ -212,10 +221,7 @@ def fuse_siblings(model: nn.Module, enable: bool = True) -> int:
         if not _fusable(members):
             logger.debug("hf_signround: %s stay apart (their layouts differ, or they are offloaded)", names)
             continue
-        group = Siblings(members)
-        for member in members:
-            member.release()
-            member._siblings = group
+        Siblings.link(members)
         linked += 1
     calls = len(layers) - sum(len(g) for g in groups if modules[g[0]]._siblings is not None) + linked
     logger.info("hf_signround: %d groups of quantized layers read one input and run fused: %d products a forward "
