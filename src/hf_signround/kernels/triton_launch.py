@@ -103,10 +103,14 @@ def _check_stored(qweight, scales, qzeros, bias, bits, group_size, in_features, 
             raise ValueError(f"{name} must be contiguous; call .contiguous() on it (the packed layout is row-major)")
 
 
-def _check(x, qweight, scales, qzeros, bias, bits, group_size, in_features) -> None:
-    reason = unsupported_reason(x.dtype, bits, group_size)
+def _check_dtype(dtype: torch.dtype, bits: int, group_size: int) -> None:
+    reason = unsupported_reason(dtype, bits, group_size)
     if reason:
         raise ValueError(reason)
+
+
+def _check(x, qweight, scales, qzeros, bias, bits, group_size, in_features) -> None:
+    _check_dtype(x.dtype, bits, group_size)
     _check_input(x, in_features)
     _check_stored(qweight, scales, qzeros, bias, bits, group_size, in_features, x.device)
 
@@ -189,6 +193,11 @@ def _rows_bucket(kind: str, m: int) -> int:
     return 1 if kind != "prefill" else min(_next_pow2(m), 4096)
 
 
+def _problem_key(kind, m, n, k, bits, group_size, sym, has_bias, dtype, device) -> tuple:
+    """The key ``TUNED`` keeps a launch config under (rows bucketed; see ``_choose``)."""
+    return (kind, _rows_bucket(kind, m), n, k, bits, group_size, sym, has_bias, dtype, device)
+
+
 def _choose(kind: str, key: tuple, launch, device: torch.device) -> dict:
     """The launch config for ``key``: timed once per process among ``CONFIGS[kind]`` (``launch(cfg)`` runs one)."""
     candidates = [c for c in CONFIGS[kind] if _fits(kind, c, key[4])]
@@ -232,7 +241,7 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor
     """The dense ``W.T`` ``(K, N)`` in ``dtype``, by one Triton kernel: the reference's float32 weight rounded once."""
     n = qweight.shape[1]
     w = torch.empty((in_features, n), dtype=dtype, device=qweight.device)
-    key = ("dequant", 1, n, in_features, bits, group_size, qzeros is None, False, dtype, qweight.device)
+    key = _problem_key("dequant", 1, n, in_features, bits, group_size, qzeros is None, False, dtype, qweight.device)
     with _on_device(qweight.device):
         cfg = config or _choose("dequant", key, lambda c: _launch_dequant(c, qweight, scales, qzeros, w, bits,
                                                                           group_size), qweight.device)
@@ -280,8 +289,7 @@ def quant_linear(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    key = (kind, _rows_bucket(kind, m), n, in_features, bits, group_size, qzeros is None, bias is not None,
-           x.dtype, x.device)
+    key = _problem_key(kind, m, n, in_features, bits, group_size, qzeros is None, bias is not None, x.dtype, x.device)
     with _on_device(x2.device):
         cfg = config or _choose(kind, key, lambda c: _launch(kind, c, x2, qweight, scales, qzeros, bias, y, bits,
                                                              group_size), x2.device)
@@ -301,9 +309,7 @@ class LayerLauncher:
 
     def __init__(self, qweight, scales, qzeros, bias, bits: int, group_size: int, in_features: int,
                  dtype: torch.dtype, device: torch.device):
-        reason = unsupported_reason(dtype, bits, group_size)
-        if reason:
-            raise ValueError(reason)
+        _check_dtype(dtype, bits, group_size)
         _check_stored(qweight, scales, qzeros, bias, bits, group_size, in_features, device)
         self.bits, self.group_size, self.in_features = bits, group_size, in_features
         self.n = qweight.shape[1]
@@ -331,8 +337,8 @@ class LayerLauncher:
 
     def _resolve(self, m, x2, qweight, scales, qzeros, bias, y) -> _Launch:
         kind = kernel_for_rows(m)
-        key = (kind, _rows_bucket(kind, m), self.n, self.in_features, self.bits, self.group_size, self.sym,
-               self.has_bias, self.dtype, self.device)
+        key = _problem_key(kind, m, self.n, self.in_features, self.bits, self.group_size, self.sym, self.has_bias,
+                           self.dtype, self.device)
         cfg = _choose(kind, key, lambda c: _launch(kind, c, x2, qweight, scales, qzeros, bias, y, self.bits,
                                                    self.group_size), self.device)
         launch = _Launch(kind, cfg, m, self.n, self.in_features, self.zw, self.bits, self.group_size, self.sym,
