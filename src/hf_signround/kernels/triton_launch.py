@@ -11,7 +11,7 @@ candidate that fits is used instead.
 
 ``LayerLauncher`` does the same for one layer's eager calls with the checks of the stored
 tensors and each row count's launch set-up (config, grid, constexprs) done once: the
-``triton`` backend's eager path (``backend.py``), 28 -> 8.5 µs of Python a call on our CPU
+``triton`` backend's eager path (``backend.py``), 28 -> 8.4 µs of Python a call on our CPU
 (``benchmarks/call_overhead.py``).
 """
 
