@@ -7,9 +7,9 @@ real numbers with ``c = q`` (any 2-, 3- or 4-bit code fits in 4 bits), ``scale =
 differs from the reference's by up to about one bfloat16 rounding step (measured in
 ``tests/test_cpu_kernels.py``).
 
-Used on CPU for bfloat16/float16 activations when auto-round-lib is not installed: on the
-project's CPU it ran float32 activations 8x slower than a dense product, bfloat16 ones
-1.6-7x faster at one token. Needs ``N % 16 == 0`` and a ``gs`` that divides both ``K`` and
+``backend="auto"`` uses it on CPU for bfloat16/float16 activations, before ARK: on the
+project's CPU it ran float32 activations 4-12x slower than a dense product, bfloat16 ones
+2.5-4x faster at one token but 0.35-0.4x at 512 (``benchmarks/cpu_kernels.py``). Needs ``N % 16 == 0`` and a ``gs`` that divides both ``K`` and
 the layer's group size. It keeps its own copy of the weights (``QuantLinear`` keeps the
 stored ones too: this kernel's layout depends on the CPU's instruction set).
 """
