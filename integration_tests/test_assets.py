@@ -17,16 +17,43 @@ from hf_signround import assets
 PROMPT = "def fibonacci(n):\n    # return the n-th Fibonacci number"
 
 
+class _GgufReference:
+    """Records the prompt's logits and ids from the model and tokenizer the conversion loads from the GGUF
+    file, as each is loaded (before the conversion touches them): the GGUF is read once, not twice."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.logits = self.ids = self.eos = None
+        model_load, tok_load = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+        def load_model(*args, **kwargs):
+            model = model_load(*args, **kwargs)
+            if kwargs.get("gguf_file"):
+                with torch.no_grad():
+                    self.logits = model.eval()(input_ids=torch.tensor([self.ids])).logits
+            return model
+
+        def load_tokenizer(*args, **kwargs):
+            tok = tok_load(*args, **kwargs)
+            if kwargs.get("gguf_file"):
+                self.ids, self.eos = tok(PROMPT).input_ids, tok.eos_token_id
+            return tok
+
+        monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load_model)
+        monkeypatch.setattr(AutoTokenizer, "from_pretrained", load_tokenizer)
+
+
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float]:
-    """(cache root, converted folder, seconds the conversion took) in a fresh cache."""
+def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, _GgufReference]:
+    """(cache root, converted folder, the GGUF model's reference) from a conversion into a fresh cache."""
     root = tmp_path_factory.mktemp("cache")
-    t0 = time.perf_counter()
-    folder = assets.smollm2_path(root)
-    return root, folder, time.perf_counter() - t0
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        reference = _GgufReference(monkeypatch)
+        folder = assets.smollm2_path(root)
+    assert reference.logits is not None, "the conversion did not load the GGUF file through transformers"
+    return root, folder, reference
 
 
-def test_conversion_layout(converted: tuple[Path, Path, float]) -> None:
+def test_conversion_layout(converted: tuple[Path, Path, _GgufReference]) -> None:
     root, folder, _ = converted
     assert folder == root / "smollm2-135m-instruct"
     names = {p.name for p in folder.iterdir()}
@@ -37,25 +64,21 @@ def test_conversion_layout(converted: tuple[Path, Path, float]) -> None:
     assert [p.name for p in root.iterdir()] == ["smollm2-135m-instruct"]  # no temp dir left behind
 
 
-def test_converted_logits_match_gguf(converted: tuple[Path, Path, float]) -> None:
-    _, folder, _ = converted
-    gguf = assets.smollm2_gguf_path()
-    ref_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    ref = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).eval()
+def test_converted_logits_match_gguf(converted: tuple[Path, Path, _GgufReference]) -> None:
+    _, folder, reference = converted
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert getattr(model, "hf_quantizer", None) is None
     ids = tok(PROMPT, return_tensors="pt").input_ids
-    assert ids.tolist() == ref_tok(PROMPT, return_tensors="pt").input_ids.tolist()
-    assert tok.eos_token_id == ref_tok.eos_token_id
+    assert ids.tolist() == [reference.ids]
+    assert tok.eos_token_id == reference.eos
     with torch.no_grad():
         got = model(input_ids=ids).logits
-        want = ref(input_ids=ids).logits
     assert got.dtype == torch.float32
-    assert (got - want).abs().max().item() < 1e-4
+    assert (got - reference.logits).abs().max().item() < 1e-4
 
 
-def test_cached_call_returns_immediately(converted: tuple[Path, Path, float], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_call_returns_immediately(converted: tuple[Path, Path, _GgufReference], monkeypatch: pytest.MonkeyPatch) -> None:
     root, folder, _ = converted
     monkeypatch.setattr(assets, "_convert_gguf", _fail)
     t0 = time.perf_counter()
