@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import gc
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -53,6 +51,11 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+from benchmarks.cpu_inference import machine, rss_mb  # noqa: E402
+
+from hf_signround.memory import return_freed_memory  # noqa: E402
+
 RESULTS = ROOT / "results" / "cpu_kernels.json"
 SHAPES = {"attn 2048x2048": (2048, 2048), "mlp up 5632x2048": (5632, 2048), "mlp down 2048x5632": (2048, 5632),
           "8B attn 4096x4096": (4096, 4096)}
@@ -261,17 +264,9 @@ def bench(dtype: torch.dtype, rows: list[int], shapes: list[str], repeats: int, 
 # ------------------------------------------------------------------ memory: one process per candidate
 
 
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def _trim() -> None:
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return_freed_memory()
 
 
 def child_memory(dtype_name: str, name: str) -> None:
@@ -284,7 +279,7 @@ def child_memory(dtype_name: str, name: str) -> None:
         warm, _ = builders[name](256, 256, x[:, :256])
         warm(x[:, :256])
     _trim()
-    floor = _rss_mb()
+    floor = rss_mb("VmRSS")
     with torch.no_grad():
         call, w = builders[name](n, k, x)
         del w
@@ -292,7 +287,7 @@ def child_memory(dtype_name: str, name: str) -> None:
         _trim()
         call(x)
     _trim()
-    print(json.dumps({"held_mb": round(_rss_mb() - floor, 1)}))
+    print(json.dumps({"held_mb": round(rss_mb("VmRSS") - floor, 1)}))
 
 
 def measure_memory(dtype: torch.dtype, names: list[str]) -> dict[str, float]:
@@ -355,11 +350,7 @@ def main() -> None:
             memory[dtype_name] = measure_memory(dtype, names)
         print_table([r for r in rows if r["dtype"] == dtype_name], memory)
     tq = _torchao()
-    result = {"machine": {"cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text()
-                                       .splitlines() if line.startswith("model name")), platform.processor()),
-                          "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__,
-                          "torchao": getattr(sys.modules.get("torchao"), "__version__", None) if tq else None},
+    result = {"machine": {**machine(), "torchao": getattr(sys.modules.get("torchao"), "__version__", None) if tq else None},
               "memory_shape": MEMORY_SHAPE, "repeats": args.repeats, "rows": rows, "held_mb": memory}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
