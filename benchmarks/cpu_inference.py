@@ -19,6 +19,10 @@ within one run: ``speedup = float32 time / quantized time``.
     python benchmarks/cpu_inference.py --models smollm2 --bits 4 --repeats 2
     python benchmarks/cpu_inference.py --compiled --bits 4 --out benchmarks/results/cpu_inference-compiled.json
 
+``--medium`` adds float32 and ours under ``torch.set_float32_matmul_precision("medium")``, PyTorch's
+switch that lets float32 products compute in bfloat16: oneDNN's dense products, and for ours
+torch's int4 kernel (``backend="auto"`` then picks it for 2-4 bits).
+
 ``--compiled`` asks what a user who compiles gets: decode only (static cache), float32 and ours,
 eager and ``torch.compile``d with inductor's freezing and ``max-autotune`` (on this CPU that makes
 the float32 model's matrix-vector products several times faster than oneMKL's eager ones).
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import platform
@@ -206,6 +211,9 @@ def child_memory(kind: str, folder: str, vocab: int) -> None:
 
         hf_signround.hf_quantizer.fuse_siblings = lambda model: 0
         kind = "ours"
+    if kind == "ours-medium":
+        torch.set_float32_matmul_precision("medium")
+        kind = "ours"
     floor = rss_mb("VmRSS")
     model = load(kind, Path(folder))
     gen = torch.Generator().manual_seed(0)
@@ -223,6 +231,23 @@ def measure_memory(kind: str, folder: Path, vocab: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+MEDIUM = ", medium"  # a name ending so runs (and loads: kernels are chosen then) under "medium" precision
+
+
+@contextlib.contextmanager
+def precision_for(name: str):
+    """``torch.set_float32_matmul_precision("medium")`` (float32 products may compute in bfloat16) while the
+    model called ``name`` runs, when its name ends in :data:`MEDIUM`; the default ``"highest"`` otherwise."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium" if name.endswith(MEDIUM) else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def time_models(models: dict[str, object], vocab: int, repeats: int) -> dict[str, dict[str, float]]:
     """Best-of-``repeats`` prefill and decode seconds of every model, interleaved."""
     import torch
@@ -232,14 +257,16 @@ def time_models(models: dict[str, object], vocab: int, repeats: int) -> dict[str
     prompt = torch.randint(100, vocab, (1, PROMPT), generator=gen)
     best: dict[str, dict[str, float]] = {name: {} for name in models}
     for name, model in models.items():  # warm-up: kernels chosen, caches and thread pools up
-        prefill(model, ids[:, :32])
-        decode(model, prompt[:, :4])
+        with precision_for(name):
+            prefill(model, ids[:, :32])
+            decode(model, prompt[:, :4])
     for _ in range(repeats):
         for name, model in models.items():
             for what, run, arg in (("prefill_s", prefill, ids), ("decode_s", decode, prompt)):
-                start = time.perf_counter()
-                run(model, arg)
-                elapsed = time.perf_counter() - start
+                with precision_for(name):
+                    start = time.perf_counter()
+                    run(model, arg)
+                    elapsed = time.perf_counter() - start
                 best[name][what] = min(best[name].get(what, float("inf")), elapsed)
     return best
 
@@ -255,8 +282,13 @@ def bench_model(model: str, bits_list: list[int], args) -> list[dict]:
     vocab = json.loads((source / "config.json").read_text())["vocab_size"]
 
     loaded = {"float32": load("float", source)}
+    if args.medium:
+        loaded["float32" + MEDIUM] = loaded["float32"]  # the same model, its products allowed bfloat16
     for b, (ours, gptq) in folders.items():
         loaded[f"ours W{b}"] = load("ours", ours)
+        if args.medium:
+            with precision_for(MEDIUM):  # the loader chooses the kernels
+                loaded[f"ours W{b}" + MEDIUM] = load("ours", ours)
         if args.unfused:
             loaded[f"ours W{b}, unfused"] = load("ours", ours, fused=False)
         if gptq is not None and not args.no_auto_round:
@@ -293,6 +325,8 @@ def bench_model(model: str, bits_list: list[int], args) -> list[dict]:
             memory[f"ours W{b}"] = measure_memory("ours", ours, vocab)
             if args.unfused:
                 memory[f"ours W{b}, unfused"] = measure_memory("ours-unfused", ours, vocab)
+            if args.medium:
+                memory[f"ours W{b}" + MEDIUM] = measure_memory("ours-medium", ours, vocab)
             if gptq is not None and not args.no_auto_round:
                 memory[f"auto-round W{b}"] = measure_memory("auto-round", gptq, vocab)
         for row in rows:
@@ -337,6 +371,9 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS processes")
     parser.add_argument("--unfused", action="store_true",
                         help="also time ours with q/k/v and gate/up run apart (fusion.fuse_siblings(model, False))")
+    parser.add_argument("--medium", action="store_true",
+                        help="also float32 and ours under torch.set_float32_matmul_precision('medium'), which lets "
+                             "float32 products compute in bfloat16 (ours: torch's int4 kernel)")
     parser.add_argument("--compiled", action="store_true",
                         help="instead: decode only, float32 and ours eager and compiled (freezing, max-autotune)")
     parser.add_argument("--out", type=Path, default=RESULTS)

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, pipeline
 from hf_signround import QuantLinear, SignRoundV2Config
 from hf_signround.assets import calibration_texts
 from hf_signround.evaluation import perplexity
+from hf_signround.qlinear import set_backend
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,18 @@ def test_w4g128_round_to_nearest_end_to_end(smollm2_dir, smollm2_tokenizer, held
     ppl = perplexity(model, heldout)
     # measured on these 8 windows: fp ~12, W4G128 RTN ~16; far worse means a broken quantizer
     assert fp_ppl < ppl < 1.6 * fp_ppl, (fp_ppl, ppl)
+
+    # float32 products allowed in bfloat16: torch's int4 kernel runs every layer, at the same quality
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        set_backend(model, "auto")
+        ppl_bf16 = perplexity(model, heldout)
+        assert {m.kernel for m in qlayers} == {"aten_int4"}
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        set_backend(model, "auto")
+    assert abs(ppl_bf16 / ppl - 1) < 0.005, (ppl, ppl_bf16)  # measured: 0.02 %
 
     model.save_pretrained(tmp_path)
     smollm2_tokenizer.save_pretrained(tmp_path)

@@ -77,6 +77,38 @@ def test_aten_int4_matches_the_reference(dtype, bits, group_size, sym):
         assert _rel(y, F.linear(x.float(), w, bias.float())) < TOL["aten_int4", dtype], (n, k)
 
 
+@pytest.fixture
+def float32_in_bfloat16():
+    """``torch.set_float32_matmul_precision("medium")`` for one test: float32 products may compute in bfloat16."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [32, 128, -1])
+@pytest.mark.parametrize("sym", [False, True])
+def test_aten_int4_computes_float32_activations_in_bfloat16_when_allowed(bits, group_size, sym, float32_in_bfloat16):
+    for n, k in [(64, 256), (192, 576)]:
+        layer, w, bias = _layer(bits, group_size, sym, n, k, "aten_int4", seed=bits * 17 + n)
+        x = torch.randn(5, k)
+        y = layer(x)
+        assert y.dtype == torch.float32 and layer.kernel == "aten_int4"
+        assert layer._plan.prepared.scale_zero.dtype == torch.bfloat16
+        # what the bfloat16 computation gives, returned in float32: the same error as bfloat16 activations
+        assert torch.equal(y, layer(x.bfloat16()).float())
+        assert 1e-4 < _rel(y, F.linear(x, w, bias.float())) < TOL["aten_int4", torch.bfloat16], (n, k)
+
+
+def test_float32_activations_stay_float32_by_default():
+    assert torch.get_float32_matmul_precision() == "highest" and not backend_mod.bf16_allowed_for_float32()
+    layer, w, bias = _layer(4, 32, True, 64, 256, "aten_int4")
+    x = torch.randn(3, 256)
+    assert _rel(layer(x), F.linear(x, w, bias.float())) < TOL["aten_int4", torch.float32]
+    assert layer._plan.prepared.scale_zero.dtype == torch.float32
+
+
 @pytest.mark.parametrize("bits,group_size,n,k,match", [
     (8, 32, 64, 256, "at most 4 bits"),
     (4, 32, 40, 256, "divisible by 16"),
@@ -106,6 +138,33 @@ def test_ark_keeps_one_copy_and_gives_the_stored_codes_back():
     assert torch.equal(layer(x), y) and layer.kernel == "ark"
     layer.load_state_dict(stored)  # loading new values drops the converted ones
     assert layer.kernel is None and torch.equal(layer.qweight, stored["qweight"])
+
+
+@pytest.mark.parametrize("bits,group_size,n,k", [(2, 32, 64, 256), (3, 128, 192, 576), (4, -1, 48, 1088),
+                                                  (4, 64, 32, 96)])
+def test_aten_int4_keeps_one_copy_and_gives_the_stored_codes_back(bits, group_size, n, k):
+    layer, _, _ = _layer(bits, group_size, False, n, k, "aten_int4", seed=bits + n)
+    stored = {name: v.clone() for name, v in layer.state_dict().items()}
+    x = torch.randn(2, k, dtype=torch.bfloat16)
+    y = layer(x)
+    assert layer.kernel == "aten_int4" and layer.qweight.device.type == "meta"
+    state = layer.state_dict()
+    assert state.keys() == stored.keys() and all(torch.equal(state[name], stored[name]) for name in stored)
+    assert torch.equal(layer.stored_qweight(), stored["qweight"])
+    layer.to(torch.device("cpu"))  # a move restores the stored tensors and chooses again on the next call
+    assert layer.kernel is None and torch.equal(layer.qweight, stored["qweight"])
+    assert torch.equal(layer(x), y)
+
+
+def test_aten_int4_keeps_the_stored_copy_when_its_codes_do_not_come_back(monkeypatch):
+    from hf_signround.kernels import aten_int4
+
+    real = aten_int4.codes_from_packed
+    monkeypatch.setattr(aten_int4, "codes_from_packed", lambda w, n, k, columns=None: real(w, n, k, columns) ^ 1)
+    layer, _, _ = _layer(4, 32, True, 64, 256, "aten_int4")
+    stored = layer.qweight.clone()
+    layer(torch.randn(1, 256, dtype=torch.bfloat16))
+    assert layer.kernel == "aten_int4" and torch.equal(layer.qweight, stored)
 
 
 @needs_ark
@@ -143,8 +202,20 @@ def test_auto_order_on_cpu(monkeypatch, caplog):
     assert choose("auto", layer, cpu, torch.float32).name == "ark"
     assert choose("auto", layer, cpu, torch.bfloat16).name == "aten_int4"
     assert choose("auto", eight, cpu, torch.bfloat16).name == "ark"
+    # float16: torch's int4 kernel has no fast float16 path (55x slower than bfloat16 at one token)
+    assert choose("auto", layer, cpu, torch.float16).name == "ark"
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # float32 may compute in bfloat16
+        assert choose("auto", layer, cpu, torch.float32).name == "aten_int4"
+        assert choose("auto", eight, cpu, torch.float32).name == "ark"
+        torch.set_float32_matmul_precision("high")  # TF32-like precision is not bfloat16's
+        assert choose("auto", layer, cpu, torch.float32).name == "ark"
+    finally:
+        torch.set_float32_matmul_precision(precision)
     monkeypatch.setattr(backend_mod, "_ARK_INSTALLED", False)
     assert choose("auto", layer, cpu, torch.bfloat16).name == "aten_int4"
+    assert choose("auto", layer, cpu, torch.float16).name == "aten_int4"
     monkeypatch.setattr(backend_mod, "_SLOW_WARNED", set())
     with caplog.at_level(logging.WARNING, logger="hf_signround.kernels.backend"):
         assert choose("auto", eight, cpu, torch.bfloat16).name == "torch"
@@ -205,3 +276,31 @@ def test_a_model_prepared_for_ark_saves_reloads_and_exports_exactly(tmp_path):
     assert again_state.keys() == stored.keys() and all(torch.equal(again_state[k], stored[k]) for k in stored)
     with torch.no_grad():
         assert torch.equal(again(ids).logits, fast)
+
+
+def test_a_model_loaded_under_medium_precision_runs_int4_in_bfloat16(tmp_path, float32_in_bfloat16):
+    """The precision is read when kernels are chosen: at load, or again after ``set_backend``."""
+    model = tiny_llama()
+    config = SignRoundV2Config(bits=4, group_size=32, iters=0)
+    from hf_signround.quantize import quantize_model
+
+    model.config.quantization_config = quantize_model(model, config).checkpoint_config(config)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(3, 60, (1, 9))
+    with torch.no_grad():
+        set_backend(model, "torch")
+        reference = model(ids).logits
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+        assert {m.kernel for m in loaded.modules() if isinstance(m, QuantLinear)} == {"aten_int4"}
+        state, stored = loaded.state_dict(), model.state_dict()  # rebuilt from the kernel's copy, fused or not
+        assert state.keys() == stored.keys() and all(torch.equal(state[name], stored[name]) for name in stored)
+        fast = loaded(ids).logits
+        assert fast.dtype == torch.float32
+        assert 1e-5 < _rel(fast, reference) < 1e-2
+        torch.set_float32_matmul_precision("highest")
+        assert {m.kernel for m in loaded.modules() if isinstance(m, QuantLinear)} == {"aten_int4"}  # kept
+        set_backend(loaded, "auto")
+        exact = loaded(ids).logits
+        assert {m.kernel for m in loaded.modules() if isinstance(m, QuantLinear)} == {"ark" if ark_installed()
+                                                                                     else "torch"}
+        assert _rel(exact, reference) < 1e-5

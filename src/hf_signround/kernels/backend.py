@@ -5,11 +5,14 @@ Backends (the ``backend`` setting; ``HF_SIGNROUND_BACKEND`` overrides it, read w
 ============  ==========================================================================
 ``"auto"``    the fastest that can run (measured, docs/BENCHMARKS.md): ``triton`` for CUDA
               inputs in float16/bfloat16; on CPU, float32 activations: ``ark`` when
-              auto-round-lib is installed; bfloat16/float16: ``aten_int4`` for the layers
-              it takes, else ``ark``; else ``torch``
+              auto-round-lib is installed, or ``aten_int4`` computing in bfloat16 first
+              when ``torch.set_float32_matmul_precision("medium")`` allows bfloat16;
+              bfloat16: ``aten_int4`` for the layers it takes, else ``ark``; float16:
+              ``ark``, else ``aten_int4``; else ``torch``
 ``"triton"``  the fused Triton kernels (``triton_kernels.py``), reading the stored tensors
 ``"ark"``     auto-round-lib's CPU kernels (``ark.py``), float32 compute, every bit width
-``"aten_int4"`` torch's CPU int4 kernel (``aten_int4.py``), 2-4 bits
+``"aten_int4"`` torch's CPU int4 kernel (``aten_int4.py``), 2-4 bits; float32 activations
+              compute in bfloat16 when the float32 matmul precision is ``"medium"``
 ``"torch"``   the reference (``reference.py``): dequantize, then ``F.linear``; runs anywhere
 ============  ==========================================================================
 
@@ -35,8 +38,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["BACKENDS", "ENV_VAR", "Kernel", "Plan", "check_backend", "choose", "triton_installed",
-           "triton_interpret", "ark_installed"]
+__all__ = ["BACKENDS", "ENV_VAR", "Kernel", "Plan", "bf16_allowed_for_float32", "check_backend", "choose",
+           "int4_compute_dtype", "triton_installed", "triton_interpret", "ark_installed"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,11 +168,28 @@ def _int4_problem(layer, device: torch.device, dtype: torch.dtype) -> str | None
     return unsupported_reason(layer.bits, layer.group_size, layer.in_features, layer.out_features)
 
 
+def bf16_allowed_for_float32() -> bool:
+    """Whether float32 products on CPU may compute in bfloat16: PyTorch's own setting for that,
+    ``torch.set_float32_matmul_precision("medium")`` (oneDNN's ``fp32_precision`` becomes ``"bf16"``)."""
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is not None:
+        return precision == "bf16"
+    return torch.get_float32_matmul_precision() == "medium"  # pragma: no cover - torch without the oneDNN knob
+
+
+def int4_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What torch's int4 kernel computes in for ``dtype`` activations: bfloat16 for float32 ones when
+    :func:`bf16_allowed_for_float32`, else the activations' own dtype."""
+    return torch.bfloat16 if dtype == torch.float32 and bf16_allowed_for_float32() else dtype
+
+
 def _int4_prepare(layer, device, dtype):
     from hf_signround.kernels import aten_int4
 
     return aten_int4.prepare(layer.qweight, layer.scales, layer.qzeros, layer.bias, bits=layer.bits,
-                             group_size=layer.group_size, in_features=layer.in_features, dtype=dtype)
+                             group_size=layer.group_size, in_features=layer.in_features,
+                             dtype=int4_compute_dtype(dtype))
 
 
 def _int4_runner():
@@ -198,9 +218,12 @@ def _auto_order(device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
     if device.type == "cuda":
         return ("triton", "torch")
     if device.type == "cpu":
-        # aten_int4 only for half activations: float32 ones ran 8x slower than a dense product; bfloat16
-        # decoding on SmolLM2 ran 1.8x the bfloat16 model's speed through it, 0.9x through ARK
-        return ("aten_int4", "ark", "torch") if dtype in (torch.float16, torch.bfloat16) else ("ark", "torch")
+        # torch's int4 kernel is fast in bfloat16 only (benchmarks/cpu_kernels.py, one token: 2.5-5.2x a
+        # dense bfloat16 product; float32 0.07-0.22x a dense float32 one; float16 55x slower than bfloat16).
+        # ARK computes in float32: 1.2-3.5x a dense float32 product, exact.
+        if dtype == torch.bfloat16 or int4_compute_dtype(dtype) == torch.bfloat16:
+            return ("aten_int4", "ark", "torch")
+        return ("ark", "aten_int4", "torch") if dtype == torch.float16 else ("ark", "torch")
     return ("torch",)
 
 
