@@ -95,9 +95,11 @@ def test_aten_int4_computes_float32_activations_in_bfloat16_when_allowed(bits, g
         x = torch.randn(5, k)
         y = layer(x)
         assert y.dtype == torch.float32 and layer.kernel == "aten_int4"
-        assert layer._plan.prepared.scale_zero.dtype == torch.bfloat16
-        # what the bfloat16 computation gives, returned in float32: the same error as bfloat16 activations
-        assert torch.equal(y, layer(x.bfloat16()).float())
+        w4 = layer._plan.prepared
+        assert w4.scale_zero.dtype == torch.bfloat16 and w4.bias.dtype == torch.float32
+        # the product computed in bfloat16, returned in float32, the bias added in float32
+        product = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), w4.packed, w4.group, w4.scale_zero)
+        assert torch.equal(y, product.float() + w4.bias)
         assert 1e-4 < _rel(y, F.linear(x, w, bias.float())) < TOL["aten_int4", torch.bfloat16], (n, k)
 
 

@@ -94,7 +94,9 @@ def unsupported_reason(bits: int, group_size: int, in_features: int, out_feature
 
 
 def prepare(qweight, scales, qzeros, bias, *, bits: int, group_size: int, in_features: int,
-            dtype: torch.dtype) -> Int4Weights:
+            dtype: torch.dtype, bias_dtype: torch.dtype | None = None) -> Int4Weights:
+    """The kernel's packed weights, scales and zeros in ``dtype`` (what it computes in), and the bias in
+    ``bias_dtype`` (the activations' dtype: it is added after the result is converted back to it)."""
     k, n = in_features, qweight.shape[1]
     group = int4_group(k, group_size)
     codes = unpack_qweight_kmajor(qweight, bits, k).to(torch.int32)  # (N, K)
@@ -104,7 +106,8 @@ def prepare(qweight, scales, qzeros, bias, *, bits: int, group_size: int, in_fea
     z = (unpack_qzeros_nmajor(qzeros, bits, n).T.float() if qzeros is not None
          else torch.full_like(scales, float(1 << (bits - 1)), dtype=torch.float32))[rows]
     scale_zero = torch.stack([s, s * (8 - z)], dim=-1).to(dtype).contiguous()
-    weights = Int4Weights(packed, scale_zero, None if bias is None else bias.detach().to(dtype), group, bits)
+    bias = None if bias is None else bias.detach().to(bias_dtype or dtype)
+    weights = Int4Weights(packed, scale_zero, bias, group, bits)
     ends = sorted({*range(min(_CHECK, k)), *range(max(0, k - _CHECK), k)})
     weights.holds_codes = torch.equal(codes_from_packed(weights, n, k, ends),
                                       codes[:, ends].to(torch.uint8))
@@ -114,7 +117,7 @@ def prepare(qweight, scales, qzeros, bias, *, bits: int, group_size: int, in_fea
 def int4_linear(x: torch.Tensor, weights: Int4Weights, out_features: int) -> torch.Tensor:
     k = x.shape[-1]
     x2 = x.reshape(-1, k).to(weights.scale_zero.dtype).contiguous()
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weights.packed, weights.group, weights.scale_zero)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weights.packed, weights.group, weights.scale_zero).to(x.dtype)
     if weights.bias is not None:
         y = y + weights.bias
-    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+    return y.reshape(*x.shape[:-1], out_features)

@@ -189,7 +189,7 @@ def _int4_prepare(layer, device, dtype):
 
     return aten_int4.prepare(layer.qweight, layer.scales, layer.qzeros, layer.bias, bits=layer.bits,
                              group_size=layer.group_size, in_features=layer.in_features,
-                             dtype=int4_compute_dtype(dtype))
+                             dtype=int4_compute_dtype(dtype), bias_dtype=dtype)
 
 
 def _int4_runner():
