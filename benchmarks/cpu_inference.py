@@ -139,6 +139,7 @@ def compile_frozen(model):
 def bench_compiled(model: str, bits_list: list[int], args) -> list[dict]:
     """Decode only: float32 and ours, eager and compiled (``compile_frozen``), static cache, interleaved."""
     import torch
+    from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config
 
     torch.set_num_threads(args.threads)
@@ -154,8 +155,6 @@ def bench_compiled(model: str, bits_list: list[int], args) -> list[dict]:
         loaded[f"ours W{b}"] = load("ours", ours)
         loaded[f"ours W{b} compiled"] = compile_frozen(load("ours", ours))
     best: dict[str, float] = {}
-    from torch._dynamo.utils import counters
-
     with (inductor_config.patch(freezing=True), torch._dynamo.config.patch(recompile_limit=64),
           torch.no_grad()):  # freezing is read when a graph compiles
         compile_s = {}
@@ -384,27 +383,19 @@ def main() -> None:
         return
     os.environ.setdefault("TQDM_DISABLE", "1")
     if args.compiled:
-        rows = []
-        for model in args.models:
-            rows += bench_compiled(model, args.bits, args)
-            print_compiled([r for r in rows if r["model"] == model])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": machine(), "decode_tokens": DECODE, "repeats": args.repeats,
-                                        "compile": "torch.compile(forward, mode='max-autotune-no-cudagraphs'), "
-                                                   "inductor freezing=True",
-                                        "scheme": "round-to-nearest, group 128, asymmetric", "rows": rows},
-                                       indent=2) + "\n")
-        print_compiled(rows)
-        return
+        bench, show = bench_compiled, print_compiled
+        what = {"compile": "torch.compile(forward, mode='max-autotune-no-cudagraphs'), inductor freezing=True"}
+    else:
+        bench, show, what = bench_model, print_table, {"prefill_tokens": PREFILL}
     rows = []
     for model in args.models:
-        rows += bench_model(model, args.bits, args)
-        print_table([r for r in rows if r["model"] == model])
+        rows += bench(model, args.bits, args)
+        show([r for r in rows if r["model"] == model])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine(), "prefill_tokens": PREFILL, "decode_tokens": DECODE, "repeats": args.repeats,
+    result = {"machine": machine(), **what, "decode_tokens": DECODE, "repeats": args.repeats,
               "scheme": "round-to-nearest, group 128, asymmetric", "rows": rows}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print_table(rows)
+    show(rows)
 
 
 if __name__ == "__main__":

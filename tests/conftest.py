@@ -17,6 +17,15 @@ from transformers import PreTrainedTokenizerFast
 from tests.tiny import ARCHS, make_corpus, make_tokenizer, tiny_llama
 
 
+@pytest.fixture
+def float32_in_bfloat16():
+    """``torch.set_float32_matmul_precision("medium")`` for one test: float32 products may compute in bfloat16."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()

@@ -77,15 +77,6 @@ def test_aten_int4_matches_the_reference(dtype, bits, group_size, sym):
         assert _rel(y, F.linear(x.float(), w, bias.float())) < TOL["aten_int4", dtype], (n, k)
 
 
-@pytest.fixture
-def float32_in_bfloat16():
-    """``torch.set_float32_matmul_precision("medium")`` for one test: float32 products may compute in bfloat16."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    yield
-    torch.set_float32_matmul_precision(before)
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("sym", [False, True])

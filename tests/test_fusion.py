@@ -91,18 +91,13 @@ def test_bfloat16_cpu_kernels_fuse_bit_identically(backend) -> None:
     assert model.model.layers[0].mlp.up_proj.kernel == backend
 
 
-def test_float32_through_the_int4_kernel_in_bfloat16_fuses_bit_identically() -> None:
+def test_float32_through_the_int4_kernel_in_bfloat16_fuses_bit_identically(float32_in_bfloat16) -> None:
     model = _quantized(4, False, "auto")
     ids = torch.randint(3, 60, (2, 7))
-    precision = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("medium")  # float32 products may compute in bfloat16
-        with torch.no_grad():
-            alone = model(ids).logits
-            fuse_siblings(model)
-            assert torch.equal(model(ids).logits, alone)
-    finally:
-        torch.set_float32_matmul_precision(precision)
+    with torch.no_grad():
+        alone = model(ids).logits
+        fuse_siblings(model)
+        assert torch.equal(model(ids).logits, alone)
     assert model.model.layers[0].mlp.up_proj.kernel == "aten_int4"
 
 
